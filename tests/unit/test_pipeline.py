@@ -1,0 +1,77 @@
+"""Manifest logic with stand-in stages (no Ray): skip, resume, redo, failure recording."""
+
+import pyarrow as pa
+import pytest
+
+from ray_align.config import load_config
+from ray_align.pipeline import (
+    Context,
+    Stage,
+    StageError,
+    StageOutput,
+    manifest,
+    run_stage,
+    summarize,
+)
+from ray_align.storage import RunDir
+from tests.unit.test_config import QUICKSTART
+
+
+def _ctx(tmp_path, *overrides):
+    return Context(config=load_config(QUICKSTART, [f"run_dir={tmp_path}", *overrides]),
+                   run=RunDir(str(tmp_path)))
+
+
+def _writer(calls):
+    def run(ctx):
+        calls.append(1)
+        ctx.run.write_table(pa.table({"id": ["a", "b"]}), "first", "data.parquet")
+        return StageOutput(2, "data.parquet", {"m": 1})
+    return run
+
+
+def test_complete_stage_is_skipped_and_redone_when_its_config_changes(tmp_path):
+    calls = []
+    stage = Stage("first", ("induce",), (), _writer(calls))
+    run_stage(_ctx(tmp_path), stage)
+    run_stage(_ctx(tmp_path), stage)
+    assert len(calls) == 1
+    run_stage(_ctx(tmp_path, "train.epochs=9"), stage)  # not one of its sections
+    assert len(calls) == 1
+    run_stage(_ctx(tmp_path, "induce.max_tokens=9"), stage)
+    assert len(calls) == 2
+    record = manifest(RunDir(str(tmp_path)), "first")
+    assert record["status"] == "complete" and record["rows"] == 2 and record["templates"]
+
+
+def test_downstream_needs_upstream_and_follows_its_fingerprint(tmp_path):
+    calls, seen = [], []
+    first = Stage("first", ("induce",), (), _writer(calls))
+    second = Stage("second", ("build",), ("first",),
+                   lambda ctx: seen.append(1) or StageOutput(0, "data.parquet"))
+    with pytest.raises(StageError, match="needs stage 'first'"):
+        run_stage(_ctx(tmp_path), second)
+    run_stage(_ctx(tmp_path), first)
+    (tmp_path / "second").mkdir()
+    (tmp_path / "second" / "data.parquet").write_bytes(b"x")
+    run_stage(_ctx(tmp_path), second)
+    run_stage(_ctx(tmp_path), second)
+    assert len(seen) == 1
+    run_stage(_ctx(tmp_path, "induce.max_tokens=7"), first)  # new upstream output
+    (tmp_path / "second").mkdir(exist_ok=True)
+    (tmp_path / "second" / "data.parquet").write_bytes(b"x")
+    run_stage(_ctx(tmp_path), second)
+    assert len(seen) == 2
+
+
+def test_failure_is_recorded_and_never_marked_complete(tmp_path):
+    def boom(ctx):
+        raise OSError("No space left on device")
+
+    with pytest.raises(OSError):
+        run_stage(_ctx(tmp_path), Stage("first", ("induce",), (), boom))
+    record = manifest(RunDir(str(tmp_path)), "first")
+    assert record["status"] == "failed" and "No space left" in record["error"]
+    summary = summarize(RunDir(str(tmp_path)), ["first"])
+    assert summary["stages"]["first"]["status"] == "failed"
+    assert (tmp_path / "README.txt").read_text().startswith("This run directory holds")

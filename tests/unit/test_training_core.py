@@ -1,0 +1,39 @@
+import torch
+
+from ray_align.config import TrainConfig
+from ray_align.training.core import IGNORE_INDEX, collate, encode_sample
+from ray_align.training.deepspeed_config import deepspeed_config
+
+
+def test_encode_sample_marks_where_the_target_starts(tiny_model):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    messages = [{"role": "user", "content": "Why is the sky blue?"}]
+    ids, prompt_len = encode_sample(tokenizer, messages, "Rayleigh scattering.")
+    assert ids[-1] == tokenizer.eos_token_id
+    assert tokenizer.decode(ids[prompt_len:-1]) == "Rayleigh scattering."
+    assert "Why is the sky blue?" in tokenizer.decode(ids[:prompt_len])
+
+
+def test_collate_pads_and_masks_prompt_and_padding():
+    batch = collate([([5, 6, 7, 8], 2), ([9, 10, 11], 1)], pad_id=0)
+    assert batch["input_ids"].tolist() == [[5, 6, 7, 8], [9, 10, 11, 0]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1, 1], [1, 1, 1, 0]]
+    i = IGNORE_INDEX
+    assert batch["labels"].tolist() == [[i, i, 7, 8], [i, 10, 11, i]]
+    assert batch["labels"].dtype == torch.long
+
+
+def test_deepspeed_config_is_a_pure_function_of_the_config():
+    cfg = TrainConfig(zero_stage=3, offload_optimizer=True, offload_params=True,
+                      micro_batch_size=2, grad_accum=4, precision="bf16")
+    ds = deepspeed_config(cfg, world_size=8)
+    assert ds == deepspeed_config(cfg, world_size=8)
+    assert ds["train_batch_size"] == 2 * 4 * 8
+    assert ds["zero_optimization"]["stage"] == 3
+    assert ds["zero_optimization"]["offload_param"]["device"] == "cpu"
+    assert ds["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] is True
+    assert ds["bf16"] == {"enabled": True}
+    plain = deepspeed_config(TrainConfig(zero_stage=0, precision="fp32"), world_size=1)
+    assert "bf16" not in plain and "offload_optimizer" not in plain["zero_optimization"]
