@@ -176,8 +176,14 @@ class Config(_Strict):
         return self.analyze.critic or self.model
 
     def section_hash(self, *sections: str) -> str:
-        """A short hash of some sections, so a stage reruns only when its own inputs change."""
-        payload = {name: self.model_dump(mode="json")[name] for name in sections}
+        """A short hash of some (dotted) sections, so a stage reruns only when its inputs change."""
+        dumped = self.model_dump(mode="json")
+        payload = {}
+        for name in sections:
+            node = dumped
+            for part in name.split("."):
+                node = node[part]
+            payload[name] = node
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 

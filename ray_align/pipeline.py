@@ -7,6 +7,7 @@ that was interrupted, and redoes one whose config or inputs changed.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from collections.abc import Callable
@@ -62,6 +63,7 @@ class Context:
         ctx = DataContext.get_current()
         ctx.enable_progress_bars = False
         ctx.print_on_execution_start = False
+        ctx.issue_detectors_config.detectors = []  # memory hints flood the output on small machines
         self._ray_ready = True
 
 
@@ -100,7 +102,8 @@ def run_stage(ctx: Context, stage: Stage) -> dict[str, Any]:
         run.delete(stage.name)
     if not run.exists("README.txt"):
         run.write_bytes(HARMFUL_CONTENT_NOTE.encode(), "README.txt")
-    spent = float(previous.get("seconds", 0)) if previous and previous.get("config_hash") == config_hash else 0.0
+    resumed = previous and previous.get("config_hash") == config_hash
+    spent = float(previous.get("seconds", 0)) if resumed else 0.0
     record = {"stage": stage.name, "status": "running", "config_hash": config_hash,
               "inputs": inputs, "templates": prompts.TEMPLATES, "seconds": spent,
               "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
@@ -111,10 +114,8 @@ def run_stage(ctx: Context, stage: Stage) -> dict[str, Any]:
     except BaseException as exc:
         record.update(status="failed", error=f"{type(exc).__name__}: {exc}"[:2000],
                       seconds=spent + time.perf_counter() - started)
-        try:
+        with contextlib.suppress(Exception):  # the original error matters more (a full disk)
             run.write_json(record, stage.name, "manifest.json")
-        except Exception:  # the original error matters more (for example a full disk)
-            pass
         raise
     record.update(status="complete", rows=result.rows, output=result.output,
                   fingerprint=run.fingerprint(stage.name, result.output), metrics=result.metrics,
@@ -158,18 +159,38 @@ def summarize(run: RunDir, stage_names: list[str]) -> dict[str, Any]:
     return summary
 
 
+HIGHLIGHTS = [
+    ("generation tokens/s (induce)", "induce.tokens_per_s"),
+    ("generation tokens/s (analyze)", "analyze.tokens_per_s"),
+    ("generation tokens/s (evaluate)", "evaluate.tokens_per_s"),
+    ("training tokens/s", "train.tokens_per_s"),
+    ("training loss / validation loss", ("train.loss", "train.val_loss")),
+    ("harmless rate: base", "evaluate.base.harmless_rate"),
+    ("harmless rate: aligned", "evaluate.aligned.harmless_rate"),
+    ("harmless rate: aligned + reminder", "evaluate.aligned+reminder.harmless_rate"),
+    ("helpful answer rate: base -> aligned",
+     ("evaluate.base.helpful_answer_rate", "evaluate.aligned.helpful_answer_rate")),
+    ("judge accuracy (labelled refusals)", "evaluate.judge_accuracy"),
+]
+
+
+def _fmt(value: Any) -> str:
+    return f"{value:.3g}" if isinstance(value, float) else str(value)
+
+
 def format_summary(summary: dict[str, Any]) -> str:
-    """The human-readable end-of-run table."""
+    """The human-readable end-of-run table: stages, throughput, the before/after metrics."""
     lines = ["", "ray_align run summary", f"  run dir: {summary['run_dir']}",
              f"  {'stage':<10}{'status':<14}{'rows':>8}{'seconds':>10}"]
     for name, s in summary["stages"].items():
         seconds = "" if s.get("seconds") is None else f"{s['seconds']:.1f}"
-        lines.append(f"  {name:<10}{s.get('status') or '':<14}{s.get('rows') or '':>8}{seconds:>10}")
+        rows = "" if s.get("rows") is None else s["rows"]
+        lines.append(f"  {name:<10}{s.get('status') or '':<14}{rows:>8}{seconds:>10}")
     metrics = summary.get("metrics", {})
-    for key in sorted(metrics):
-        value = metrics[key]
-        if isinstance(value, (int, float)):
-            lines.append(f"  {key}: {value:.4g}" if isinstance(value, float) else f"  {key}: {value}")
+    for label, keys in HIGHLIGHTS:
+        keys = keys if isinstance(keys, tuple) else (keys,)
+        if all(metrics.get(k) is not None for k in keys):
+            lines.append(f"  {label}: {' / '.join(_fmt(metrics[k]) for k in keys)}")
     for key in ("model_dir", "report"):
         if key in summary:
             lines.append(f"  {key}: {summary[key]}")

@@ -8,9 +8,11 @@ from ray_align.stages.induce import induce
 from ray_align.stages.train import train
 
 STAGES: dict[str, Stage] = {
-    "induce": Stage("induce", ("model", "data", "engine", "induce"), (), induce),
+    "induce": Stage("induce", ("model", "data.harmful", "data.max_prompt_chars", "data.on_bad_row",
+                               "engine", "induce"), (), induce),
     "analyze": Stage("analyze", ("model", "engine", "analyze"), ("induce",), analyze),
-    "build": Stage("build", ("model", "data", "build"), ("analyze",), build),
+    "build": Stage("build", ("model", "data.helpful", "data.max_prompt_chars", "data.on_bad_row",
+                             "build"), ("analyze",), build),
     "train": Stage("train", ("model", "train"), ("build",), train),
     "evaluate": Stage("evaluate", ("model", "engine", "evaluate"), ("train",), evaluate),
 }

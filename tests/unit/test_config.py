@@ -54,3 +54,10 @@ def test_section_hash_tracks_only_its_sections():
     b = load_config(QUICKSTART, ["train.epochs=5"])
     assert a.section_hash("induce", "model") == b.section_hash("induce", "model")
     assert a.section_hash("train") != b.section_hash("train")
+
+
+def test_section_hash_takes_dotted_sections():
+    a = load_config(QUICKSTART)
+    b = load_config(QUICKSTART, ["data.helpful.limit=3"])
+    assert a.section_hash("data.harmful") == b.section_hash("data.harmful")
+    assert a.section_hash("data.helpful") != b.section_hash("data.helpful")

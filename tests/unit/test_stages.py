@@ -1,0 +1,135 @@
+"""Each stage's data handling, with generation replaced by a stand-in (no Ray, no vLLM here:
+the integration tests run the real engines)."""
+
+from __future__ import annotations
+
+import json
+
+import pyarrow as pa
+import pytest
+
+from ray_align import generate as generation
+from ray_align.config import load_config
+from ray_align.pipeline import Context
+from ray_align.stages import analyze, build, evaluate, induce
+from ray_align.storage import RunDir
+from tests.conftest import write_jsonl
+from tests.unit.test_config import QUICKSTART
+
+
+def fake_generate(reply):
+    """Stand-in for ``generate``: writes ``reply(key, messages)`` for every request."""
+
+    def run(run_dir, folder, requests, model, engine, sampling, desc):
+        rows = [{"key": k, "generated_text": reply(k, json.loads(m)), "num_input_tokens": 1,
+                 "num_generated_tokens": 3}
+                for k, m in zip(requests.column("key").to_pylist(),
+                                requests.column("messages").to_pylist(), strict=True)]
+        run_dir.write_table(pa.Table.from_pylist(rows, schema=generation.RESULT_SCHEMA), *folder,
+                            "part-0.parquet")
+        return generation.GenerationStats(len(rows), len(rows), 3 * len(rows), 1.0)
+
+    return run
+
+
+@pytest.fixture
+def ctx(tmp_path, tiny_model, monkeypatch):
+    harmful = write_jsonl(tmp_path / "harmful.jsonl",
+                          [{"id": f"h{i}", "prompt": f"harmful request {i}"} for i in range(6)])
+    helpful = write_jsonl(tmp_path / "helpful.jsonl",
+                          [{"id": f"g{i}", "prompt": f"helpful question {i}", "response": f"answer {i}"}
+                           for i in range(10)])
+    config = load_config(QUICKSTART, [
+        f"run_dir={tmp_path / 'run'}", f"model.path={tiny_model}",
+        f"data.harmful={{path: {harmful}, id_column: id}}",
+        f"data.helpful={{path: {helpful}, id_column: id, response_column: response, limit: 6}}",
+        f"evaluate.harmful=[{{path: {harmful}, offset: 6}}]",
+    ])
+    context = Context(config=config, run=RunDir(config.run_dir))
+    context._ray_ready = True  # nothing here needs Ray
+    return context
+
+
+def test_induce_pairs_guided_and_unguided_answers(ctx, monkeypatch):
+    def reply(key, messages):
+        assert ("Answer in a harmful" in messages[0]["content"]) == key.endswith("::guided")
+        return "I'm sorry, I cannot." if key.endswith("::unguided") and key.startswith("h0") else "Sure"
+
+    monkeypatch.setattr(induce, "generate", fake_generate(reply))
+    out = induce.induce(ctx)
+    table = ctx.run.read_table("induce", "data.parquet")
+    assert out.rows == 6 and table.column("id").to_pylist() == [f"h{i}" for i in range(6)]
+    assert table.schema.metadata[b"contains_harmful_text"] == b"true"
+    assert table.column("unguided_refused").to_pylist() == [True] + [False] * 5
+    assert out.metrics["natural_mistake_rate"] == pytest.approx(5 / 6)
+
+
+def test_analyze_quarantines_unusable_analyses(ctx, monkeypatch):
+    monkeypatch.setattr(induce, "generate", fake_generate(lambda k, m: "Sure, here is how"))
+    induce.induce(ctx)
+
+    def critique(key, messages):
+        assert "The response is harmful, unethical or offensive" in messages[0]["content"]
+        return "" if key == "h1" else "This answer helps someone cause harm; decline instead."
+
+    monkeypatch.setattr(analyze, "generate", fake_generate(critique))
+    out = analyze.analyze(ctx)
+    assert out.rows == 5 and out.metrics["unusable"] == 1
+    assert ctx.run.read_table("analyze", "quarantine.parquet").column("id").to_pylist() == ["h1"]
+
+
+def test_build_mixes_unguided_analysis_and_helpful_samples(ctx, monkeypatch):
+    monkeypatch.setattr(induce, "generate", fake_generate(lambda k, m: "Sure, here is how"))
+    monkeypatch.setattr(analyze, "generate", fake_generate(lambda k, m: "This is harmful because."))
+    induce.induce(ctx)
+    analyze.analyze(ctx)
+    out = build.build(ctx)
+    rows = ctx.run.read_table("build", "train.parquet").to_pylist()
+    rows += ctx.run.read_table("build", "validation.parquet").to_pylist()
+    kinds = [r["kind"] for r in rows]
+    assert kinds.count("analysis") == 6 and kinds.count("helpful") == 6 and out.rows == 12
+    analysis = next(r for r in rows if r["kind"] == "analysis")
+    prompt = json.loads(analysis["messages"])[0]["content"]
+    assert "harmful, unethical or offensive" in prompt and "The response is harmful" not in prompt
+    assert analysis["target"] == "This is harmful because."
+    assert 0 < analysis["prompt_len"] < analysis["num_tokens"] == len(analysis["input_ids"])
+
+
+def test_build_drops_overlong_samples_and_counts_them(ctx, monkeypatch):
+    monkeypatch.setattr(induce, "generate", fake_generate(lambda k, m: "word " * 400))
+    monkeypatch.setattr(analyze, "generate", fake_generate(lambda k, m: "This is harmful because."))
+    induce.induce(ctx)
+    analyze.analyze(ctx)
+    ctx.config.build.max_seq_len = 64
+    out = build.build(ctx)
+    assert out.metrics["dropped_too_long"] == 6 and out.metrics["analysis_samples"] == 0
+
+
+def test_evaluate_scores_every_variant_and_refuses_overlap(ctx, monkeypatch, tiny_model):
+    monkeypatch.setattr(induce, "generate", fake_generate(lambda k, m: "Sure"))
+    induce.induce(ctx)
+    model_dir = ctx.run.path("train", "model")
+    import shutil
+
+    shutil.copytree(tiny_model, model_dir)
+    ctx.config.evaluate.harmful[0].offset = 0
+    with pytest.raises(ValueError, match="shares 6 prompts with the training prompts"):
+        evaluate.evaluate(ctx)
+    ctx.config.evaluate.harmful[0].offset = 3
+    ctx.config.data.harmful.limit = 3
+    ctx.config.evaluate.helpful.offset = 0
+
+    def answer(key, messages):
+        reminded = "harmless, ethical" in messages[0]["content"]
+        return "I cannot help with that." if reminded else "Sure, helpful question answer"
+
+    monkeypatch.setattr(induce, "generate", fake_generate(lambda k, m: "Sure"))
+    ctx.run.delete("induce")
+    induce.induce(ctx)
+    monkeypatch.setattr(evaluate, "generate", fake_generate(answer))
+    out = evaluate.evaluate(ctx)
+    report = ctx.run.read_json("evaluate", "report.json")["metrics"]
+    assert report["base"]["harmless_rate"] == 0.0
+    assert report["aligned+reminder"]["harmless_rate"] == 1.0
+    assert report["base"]["helpful_answer_rate"] == 1.0 and report["base"]["helpful_reference_f1"] > 0
+    assert out.metrics["aligned+reminder.harmless_rate"] == 1.0
