@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -57,7 +58,11 @@ class Context:
         import ray
         from ray.data import DataContext
 
-        ray.init(address=self.config.ray.address, num_cpus=self.config.ray.num_cpus,
+        # No address: join the cluster of a submitted Ray job (RAY_ADDRESS), else start a new
+        # local one rather than attach to whatever Ray happens to run on this machine.
+        address = self.config.ray.address or (None if os.environ.get("RAY_ADDRESS") else "local")
+        starts_local = address == "local"
+        ray.init(address=address, num_cpus=self.config.ray.num_cpus if starts_local else None,
                  include_dashboard=False, ignore_reinit_error=True,
                  log_to_driver=self.config.ray.log_to_driver)
         ctx = DataContext.get_current()
@@ -92,18 +97,18 @@ def run_stage(ctx: Context, stage: Stage) -> dict[str, Any]:
     config_hash = ctx.config.section_hash(*stage.sections)
     inputs = _expected_inputs(run, stage)
     previous = manifest(run, stage.name)
-    if previous and (previous.get("config_hash"), previous.get("inputs")) == (config_hash, inputs):
-        if previous.get("status") == "complete":
-            print(f"[{stage.name}] complete in an earlier run: skipped", flush=True)
-            return previous
+    same = bool(previous) and (previous.get("config_hash"), previous.get("inputs")) == (config_hash, inputs)
+    if same and previous.get("status") == "complete":
+        print(f"[{stage.name}] complete in an earlier run: skipped", flush=True)
+        return previous
+    if same:
         print(f"[{stage.name}] resuming an interrupted run", flush=True)
     elif previous:
         print(f"[{stage.name}] config or inputs changed since the last run: redoing it", flush=True)
         run.delete(stage.name)
     if not run.exists("README.txt"):
         run.write_bytes(HARMFUL_CONTENT_NOTE.encode(), "README.txt")
-    resumed = previous and previous.get("config_hash") == config_hash
-    spent = float(previous.get("seconds", 0)) if resumed else 0.0
+    spent = float(previous.get("seconds", 0)) if same else 0.0  # time of the interrupted attempts
     record = {"stage": stage.name, "status": "running", "config_hash": config_hash,
               "inputs": inputs, "templates": prompts.TEMPLATES, "seconds": spent,
               "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}

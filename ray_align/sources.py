@@ -69,6 +69,8 @@ def _read_records(path: str, split: str) -> list[dict[str, Any]]:
 
         return list(datasets.load_dataset(path.removeprefix("hf:"), split=split))
     lower = path.lower()
+    if not lower.endswith((".parquet", "/", ".csv", ".jsonl", ".json")):
+        raise DataError(f"{path}: unknown format; use .jsonl, .csv, .parquet or hf:NAME")
     if lower.endswith(".parquet") or lower.endswith("/"):
         fs, inner = pafs.FileSystem.from_uri(path) if "://" in path else (None, path)
         try:
@@ -78,20 +80,18 @@ def _read_records(path: str, split: str) -> list[dict[str, Any]]:
     text = _open_text(path)
     if lower.endswith(".csv"):
         return list(csv.DictReader(io.StringIO(text)))
-    if lower.endswith(".jsonl") or lower.endswith(".json"):
-        records = []
-        for number, line in enumerate(text.splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{path} row {number}: not valid JSON ({exc.msg})") from exc
-            if not isinstance(record, dict):
-                raise DataError(f"{path} row {number}: expected a JSON object")
-            records.append(record)
-        return records
-    raise DataError(f"{path}: unknown format; use .jsonl, .csv, .parquet or hf:NAME")
+    records = []  # JSON Lines
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{path} row {number}: not valid JSON ({exc.msg})") from exc
+        if not isinstance(record, dict):
+            raise DataError(f"{path} row {number}: expected a JSON object")
+        records.append(record)
+    return records
 
 
 def _text_problem(value: Any, max_chars: int | None) -> str | None:

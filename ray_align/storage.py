@@ -65,9 +65,9 @@ class RunDir:
 
     def _atomic(self, parts: tuple[str, ...], write) -> None:
         target = self.path(*parts)
-        self.fs.create_dir(target.rsplit("/", 1)[0], recursive=True)
         tmp = f"{target}.tmp-{uuid.uuid4().hex[:8]}"
         try:
+            self.fs.create_dir(target.rsplit("/", 1)[0], recursive=True)
             write(tmp)
             self.fs.move(tmp, target)
         except OSError as exc:

@@ -25,7 +25,8 @@ def _ctx(tmp_path, *overrides):
 def _writer(calls):
     def run(ctx):
         calls.append(1)
-        ctx.run.write_table(pa.table({"id": ["a", "b"]}), "first", "data.parquet")
+        tokens = ctx.config.induce.max_tokens  # the output depends on the stage's config
+        ctx.run.write_table(pa.table({"id": ["a", "b"], "n": [tokens, tokens]}), "first", "data.parquet")
         return StageOutput(2, "data.parquet", {"m": 1})
     return run
 
@@ -47,19 +48,19 @@ def test_complete_stage_is_skipped_and_redone_when_its_config_changes(tmp_path):
 def test_downstream_needs_upstream_and_follows_its_fingerprint(tmp_path):
     calls, seen = [], []
     first = Stage("first", ("induce",), (), _writer(calls))
-    second = Stage("second", ("build",), ("first",),
-                   lambda ctx: seen.append(1) or StageOutput(0, "data.parquet"))
+    def second_run(ctx):
+        seen.append(1)
+        ctx.run.write_bytes(b"x", "second", "data.parquet")
+        return StageOutput(0, "data.parquet")
+
+    second = Stage("second", ("build",), ("first",), second_run)
     with pytest.raises(StageError, match="needs stage 'first'"):
         run_stage(_ctx(tmp_path), second)
     run_stage(_ctx(tmp_path), first)
-    (tmp_path / "second").mkdir()
-    (tmp_path / "second" / "data.parquet").write_bytes(b"x")
     run_stage(_ctx(tmp_path), second)
     run_stage(_ctx(tmp_path), second)
     assert len(seen) == 1
     run_stage(_ctx(tmp_path, "induce.max_tokens=7"), first)  # new upstream output
-    (tmp_path / "second").mkdir(exist_ok=True)
-    (tmp_path / "second" / "data.parquet").write_bytes(b"x")
     run_stage(_ctx(tmp_path), second)
     assert len(seen) == 2
 
