@@ -6,19 +6,18 @@ from __future__ import annotations
 from ray_align.pipeline import Context, StageOutput
 
 TRAIN_COLUMNS = ["input_ids", "prompt_len"]
-READ_CPUS = 0.1  # reading token ids is light; the CPUs belong to the training workers
 
 
 def check_resources(train_cfg, available: dict[str, float]) -> None:
-    """Fail fast, naming the setting, when the cluster cannot hold the training workers and
-    still leave room for Ray Data to feed them (otherwise the run waits forever)."""
-    need_cpu = train_cfg.num_workers * train_cfg.cpus_per_worker + READ_CPUS
+    """Fail fast, naming the setting, when the cluster cannot hold the training workers
+    (otherwise the run would wait forever for resources)."""
+    need_cpu = train_cfg.num_workers * train_cfg.cpus_per_worker
     if available.get("CPU", 0) < need_cpu:
         raise ValueError(
             f"train: {train_cfg.num_workers} workers x train.cpus_per_worker="
-            f"{train_cfg.cpus_per_worker} plus {READ_CPUS} CPU for data loading need {need_cpu:g} CPUs; "
-            f"the cluster has {available.get('CPU', 0):g}. Lower train.cpus_per_worker or "
-            "train.num_workers, or add nodes.")
+            f"{train_cfg.cpus_per_worker} need {need_cpu:g} CPUs; the cluster has "
+            f"{available.get('CPU', 0):g}. Lower train.cpus_per_worker or train.num_workers, "
+            "or add nodes.")
     if train_cfg.use_gpu and available.get("GPU", 0) < train_cfg.num_workers:
         raise ValueError(f"train: {train_cfg.num_workers} GPU workers but the cluster has "
                          f"{available.get('GPU', 0):g} GPUs; lower train.num_workers or add GPU nodes.")
@@ -36,8 +35,10 @@ def train(ctx: Context) -> StageOutput:
     check_resources(cfg.train, ray.cluster_resources())
     # The same order on every run, so a resumed epoch skips exactly the batches already trained.
     ray.data.DataContext.get_current().execution_options.preserve_order = True
+    # Token ids are small: read them before the workers take the CPUs, so feeding the workers
+    # needs no further tasks (a read waiting for a CPU the workers hold would wait forever).
     data = {split: ray.data.read_parquet(run.uri_of("build", f"{split}.parquet"),
-                                         columns=TRAIN_COLUMNS, num_cpus=READ_CPUS)
+                                         columns=TRAIN_COLUMNS).materialize()
             for split in ("train", "validation")}
     train_rows = data["train"].count()
     if train_rows < cfg.train.num_workers:
