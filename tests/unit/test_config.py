@@ -61,3 +61,8 @@ def test_section_hash_takes_dotted_sections():
     b = load_config(QUICKSTART, ["data.helpful.limit=3"])
     assert a.section_hash("data.harmful") == b.section_hash("data.harmful")
     assert a.section_hash("data.helpful") != b.section_hash("data.helpful")
+
+
+def test_every_shipped_config_validates():
+    for path in (REPO / "configs").glob("*.yaml"):
+        assert load_config(path).run_dir, path

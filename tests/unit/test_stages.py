@@ -44,6 +44,7 @@ def ctx(tmp_path, tiny_model, monkeypatch):
         f"data.harmful={{path: {harmful}, id_column: id}}",
         f"data.helpful={{path: {helpful}, id_column: id, response_column: response, limit: 6}}",
         f"evaluate.harmful=[{{path: {harmful}, offset: 6}}]",
+        f"evaluate.helpful={{path: {helpful}, id_column: id, response_column: response, offset: 6}}",
     ])
     context = Context(config=config, run=RunDir(config.run_dir))
     context._ray_ready = True  # nothing here needs Ray
@@ -117,7 +118,6 @@ def test_evaluate_scores_every_variant_and_refuses_overlap(ctx, monkeypatch, tin
         evaluate.evaluate(ctx)
     ctx.config.evaluate.harmful[0].offset = 3
     ctx.config.data.harmful.limit = 3
-    ctx.config.evaluate.helpful.offset = 0
 
     def answer(key, messages):
         reminded = "harmless, ethical" in messages[0]["content"]

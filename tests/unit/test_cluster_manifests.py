@@ -1,0 +1,72 @@
+"""The KubeRay manifests against the real KubeRay v1.7.0 CRD schemas (shared/schemas), with
+unknown fields rejected as ``kubectl apply --validate=strict`` would."""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import jsonschema
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+SCHEMAS = REPO.parent / "shared" / "schemas" / "kuberay-v1.7.0"
+MANIFESTS = {"RayCluster": "ray.io_rayclusters.yaml", "RayJob": "ray.io_rayjobs.yaml"}
+
+
+def to_json_schema(node):
+    """OpenAPI v3 (Kubernetes flavour) to JSON Schema: int-or-string, strict unknown fields."""
+    if isinstance(node, list):
+        return [to_json_schema(n) for n in node]
+    if not isinstance(node, dict):
+        return node
+    out = {k: to_json_schema(v) for k, v in node.items() if not k.startswith("x-kubernetes-")}
+    if node.get("x-kubernetes-int-or-string"):
+        out.pop("type", None)
+        out["anyOf"] = [{"type": "integer"}, {"type": "string"}]
+    if ("properties" in out and "additionalProperties" not in out
+            and not node.get("x-kubernetes-preserve-unknown-fields")):
+        out["additionalProperties"] = False
+    return out
+
+
+@functools.cache
+def crd_schema(kind: str) -> dict:
+    crd = yaml.safe_load((SCHEMAS / MANIFESTS[kind]).read_text())
+    version = next(v for v in crd["spec"]["versions"] if v["name"] == "v1")
+    return to_json_schema(version["schema"]["openAPIV3Schema"])
+
+
+def manifests():
+    return [pytest.param(p, id=p.name) for p in sorted((REPO / "cluster" / "kuberay").glob("*.yaml"))]
+
+
+@pytest.mark.parametrize("path", manifests())
+def test_manifest_matches_the_kuberay_crd(path):
+    doc = yaml.safe_load(path.read_text())
+    assert doc["apiVersion"] == "ray.io/v1"
+    jsonschema.validate(doc, crd_schema(doc["kind"]))
+
+
+def test_schema_check_catches_a_misspelled_field():
+    doc = yaml.safe_load((REPO / "cluster" / "kuberay" / "raycluster.yaml").read_text())
+    doc["spec"]["workerGroupSpecs"][0]["maxReplica"] = 3
+    with pytest.raises(jsonschema.ValidationError, match="maxReplica"):
+        jsonschema.validate(doc, crd_schema("RayCluster"))
+
+
+@pytest.mark.parametrize("path", manifests())
+def test_nothing_public_nothing_privileged(path):
+    doc = yaml.safe_load(path.read_text())
+    spec = doc["spec"].get("rayClusterSpec", doc["spec"])
+    assert spec["headGroupSpec"].get("serviceType", "ClusterIP") == "ClusterIP"
+    groups = [spec["headGroupSpec"], *spec["workerGroupSpecs"]]
+    for group in groups:
+        for container in group["template"]["spec"]["containers"]:
+            context = container.get("securityContext", {})
+            assert not context.get("privileged") and context.get("allowPrivilegeEscalation") is False
+            assert "RAY_AUTH_TOKEN" in {e["name"] for e in container.get("env", [])}
+    gpu = next(g for g in spec["workerGroupSpecs"] if g["groupName"] == "gpu")
+    assert gpu["minReplicas"] == 0 < gpu["maxReplicas"]
+    assert spec["enableInTreeAutoscaling"] is True
