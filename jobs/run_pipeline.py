@@ -8,8 +8,11 @@ Inside a Ray job, ``ray.init()`` joins the job's cluster; the arguments are thos
 """
 
 import sys
+from pathlib import Path
 
-from ray_align.cli import main
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the job's working dir
+
+from ray_align.cli import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main(["run", *sys.argv[1:]]))

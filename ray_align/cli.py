@@ -23,6 +23,31 @@ def _add_config_args(parser: argparse.ArgumentParser, run_dir_required: bool = F
                         help="dotted config overrides, e.g. train.epochs=2 engine.pool=[1,2]")
 
 
+def _add_address(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--address", help="the cluster's job server, e.g. http://HEAD:8265 "
+                                          "(default: $RAY_ADDRESS, else http://127.0.0.1:8265)")
+
+
+def _jobs_command(args) -> int:
+    from pathlib import Path
+
+    from ray_align import submit
+
+    if args.command == "submit":
+        _load(args)  # a bad config fails here, not on the cluster
+        return submit.submit(args.config, list(args.overrides), address=args.address,
+                             run_dir=args.run_dir, env_names=args.env, pip=args.pip,
+                             wait=not args.no_wait, working_dir=Path.cwd())
+    jobs = submit.client(args.address)
+    if args.command == "status":
+        print(submit.job_status(jobs, args.job_id))
+        return 0
+    if args.follow:
+        return submit.follow(jobs, args.job_id)
+    print(jobs.get_job_logs(args.job_id), end="")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ray-align", description=DESCRIPTION,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -43,6 +68,30 @@ def build_parser() -> argparse.ArgumentParser:
     check = commands.add_parser("check", help="validate a config and print it resolved",
                                 description="Validate a config (and overrides) without running.")
     _add_config_args(check)
+
+    submit = commands.add_parser(
+        "submit", help="submit the pipeline to a Ray cluster as a Ray job",
+        description="Submit `jobs/run_pipeline.py CONFIG` with this checkout as the working dir. "
+                    "Prints the job id, follows the logs unless --no-wait, and exits with the job's "
+                    "final status (0 SUCCEEDED, 1 FAILED, 3 STOPPED).")
+    _add_config_args(submit)
+    _add_address(submit)
+    submit.add_argument("--env", action="append", default=[], metavar="NAME",
+                        help="copy this environment variable into the job (secrets: never in configs)")
+    submit.add_argument("--pip", action="append", default=[], metavar="SPEC",
+                        help="extra pip requirement for the job's runtime environment")
+    submit.add_argument("--no-wait", action="store_true", help="print the job id and return")
+
+    status = commands.add_parser("status", help="status of a submitted job",
+                                 description="Print a submitted job's status.")
+    status.add_argument("job_id")
+    _add_address(status)
+
+    logs = commands.add_parser("logs", help="logs of a submitted job",
+                               description="Print a submitted job's logs (or follow them).")
+    logs.add_argument("job_id")
+    logs.add_argument("--follow", action="store_true", help="stream until the job ends")
+    _add_address(logs)
 
     assets = commands.add_parser(
         "assets", help="prepare the embedded model and prompt sets (offline after once)",
@@ -109,6 +158,8 @@ def main(argv: list[str] | None = None) -> int:
             for name, path in prepare_all(force=args.force).items():
                 print(f"{name}: {path}")
             return 0
+        if args.command in ("submit", "status", "logs"):
+            return _jobs_command(args)
         config = _load(args)
         _resolve_paths(config)
         if args.command == "check":

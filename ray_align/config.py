@@ -68,6 +68,9 @@ class EngineConfig(_Strict):
     engine_kwargs: dict[str, Any] = Field(default_factory=dict, description="Passed to vLLM.")
     env: dict[str, str] = Field(default_factory=dict, description="Env vars for engine actors.")
     shard_rows: int = Field(64, ge=1, description="Rows per output file: the unit of resume.")
+    check_resources: bool = Field(
+        True, description="Refuse to start when the cluster cannot hold one engine; turn off "
+        "when the autoscaler adds such nodes on demand.")
 
 
 class SamplingConfig(_Strict):
@@ -143,6 +146,9 @@ class EvaluateConfig(_Strict):
 class RayConfig(_Strict):
     address: str | None = Field(None, description="Ray cluster; default starts a local one.")
     num_cpus: int | None = Field(None, ge=1, description="CPUs of a local cluster.")
+    shared_run_dir: bool = Field(
+        False, description="A local run_dir path is a mount every node shares (NFS, Lustre...)."
+    )
     log_to_driver: bool = Field(
         False, description="Stream engine and worker logs here (else under /tmp/ray/session_*)."
     )

@@ -68,6 +68,21 @@ def placement_bundles(engine: EngineConfig) -> list[dict[str, float]]:
     return [dict(bundle) for _ in range(engine.tensor_parallel_size)]
 
 
+def check_engine_fits(engine: EngineConfig, cluster: dict[str, float]) -> None:
+    """Name what is missing before any engine starts, instead of a placement group that waits
+    forever for resources the cluster does not have."""
+    need = {"CPU": engine.cpus_per_engine * engine.tensor_parallel_size,
+            "GPU": engine.gpus_per_engine * engine.tensor_parallel_size}
+    short = {k: v for k, v in need.items() if v > cluster.get(k, 0)}
+    if short:
+        wants = ", ".join(f"{v:g} {k} (has {cluster.get(k, 0):g})" for k, v in short.items())
+        raise GenerationError(
+            f"one engine needs {wants}: engine.tensor_parallel_size={engine.tensor_parallel_size} x "
+            f"engine.gpus_per_engine={engine.gpus_per_engine:g} / cpus_per_engine="
+            f"{engine.cpus_per_engine:g}. Add nodes, lower these, or set engine.check_resources: "
+            "false if the autoscaler adds such nodes on demand.")
+
+
 def build_engine_processor(model: ModelConfig, engine: EngineConfig, sampling: SamplingConfig):
     """A ``ray.data.llm`` processor: chat template, tokenize, vLLM engine pool, detokenize."""
     from ray.data.llm import build_processor, vLLMEngineProcessorConfig
@@ -138,6 +153,8 @@ def generate(
         print(f"[{desc}] resuming: {len(already)} done, {todo.num_rows} to go", flush=True)
     if todo.num_rows == 0:
         return GenerationStats(requests.num_rows, 0, 0, 0.0)
+    if engine.check_resources:
+        check_engine_fits(engine, ray.cluster_resources())
     step = engine.batch_size
     blocks = [todo.slice(i, step) for i in range(0, todo.num_rows, step)]
     dataset = build_engine_processor(model, engine, sampling)(ray.data.from_arrow(blocks))

@@ -65,6 +65,7 @@ class Context:
         ray.init(address=address, num_cpus=self.config.ray.num_cpus if starts_local else None,
                  include_dashboard=False, ignore_reinit_error=True,
                  log_to_driver=self.config.ray.log_to_driver)
+        check_shared_storage(self.run, self.config.ray.shared_run_dir, ray.nodes())
         ctx = DataContext.get_current()
         ctx.enable_progress_bars = False
         ctx.print_on_execution_start = False
@@ -74,6 +75,16 @@ class Context:
 
 class StageError(RuntimeError):
     """A stage cannot run (missing upstream output) or failed; the message says what to do."""
+
+
+def check_shared_storage(run: RunDir, shared: bool, nodes: list[dict]) -> None:
+    """On a multi-node cluster every node writes to the run directory: a node-local path would
+    scatter the outputs, so it is refused unless the config says the path is a shared mount."""
+    alive = [n for n in nodes if n.get("Alive")]
+    if run.is_local and not shared and len(alive) > 1:
+        raise StageError(
+            f"run_dir {run.uri} is a local path but the Ray cluster has {len(alive)} nodes: use "
+            "s3://... or gs://... (or a shared mount and set ray.shared_run_dir: true)")
 
 
 def manifest(run: RunDir, stage: str) -> dict[str, Any] | None:

@@ -4,7 +4,8 @@ from ray_align.cli import STAGE_ORDER, build_parser, main
 from tests.unit.test_config import QUICKSTART
 
 
-@pytest.mark.parametrize("argv", [[], ["run"], ["stage"], ["check"], ["assets"]])
+@pytest.mark.parametrize(
+    "argv", [[], ["run"], ["stage"], ["check"], ["assets"], ["submit"], ["status"], ["logs"]])
 def test_every_command_has_help(argv, capsys):
     with pytest.raises(SystemExit) as info:
         build_parser().parse_args([*argv, "--help"])

@@ -70,3 +70,17 @@ def test_nothing_public_nothing_privileged(path):
     gpu = next(g for g in spec["workerGroupSpecs"] if g["groupName"] == "gpu")
     assert gpu["minReplicas"] == 0 < gpu["maxReplicas"]
     assert spec["enableInTreeAutoscaling"] is True
+
+
+def test_ray_up_config_matches_rays_own_schema():
+    import json
+
+    import ray.autoscaler
+
+    schema = json.loads((Path(ray.autoscaler.__file__).parent / "ray-schema.json").read_text())
+    for path in sorted((REPO / "cluster" / "ray-up").glob("*.yaml")):
+        config = yaml.safe_load(path.read_text())
+        jsonschema.validate(config, schema)
+        types = config["available_node_types"]
+        assert types[config["head_node_type"]]["resources"] == {"CPU": 0}
+        assert all(t.get("min_workers", 0) == 0 for name, t in types.items() if name != "head")

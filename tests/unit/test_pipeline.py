@@ -76,3 +76,14 @@ def test_failure_is_recorded_and_never_marked_complete(tmp_path):
     summary = summarize(RunDir(str(tmp_path)), ["first"])
     assert summary["stages"]["first"]["status"] == "failed"
     assert (tmp_path / "README.txt").read_text().startswith("This run directory holds")
+
+
+def test_node_local_run_dir_is_refused_on_a_multi_node_cluster(tmp_path):
+    from ray_align.pipeline import check_shared_storage
+
+    local, nodes = RunDir(str(tmp_path)), [{"Alive": True}, {"Alive": True}]
+    with pytest.raises(StageError, match="local path but the Ray cluster has 2 nodes"):
+        check_shared_storage(local, False, nodes)
+    check_shared_storage(local, True, nodes)  # the user says it is a shared mount
+    check_shared_storage(local, False, nodes[:1])
+    check_shared_storage(RunDir(f"file://{tmp_path}"), False, nodes[:1])
