@@ -15,10 +15,22 @@ from tests.conftest import REPO, ray_align_env, tiny_config
 pytestmark = pytest.mark.integration
 
 
+PLANTED = {"HF_TOKEN": "hf_plantedSecretTokenValue0123456789",
+           "AWS_SECRET_ACCESS_KEY": "plantedAwsSecretKeyValue/0123456789abcdef"}
+
+
 def run_cli(*args: str, timeout: int = 900) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "ray_align.cli", *args], cwd=REPO,
-                          env=ray_align_env(), capture_output=True, text=True, timeout=timeout,
-                          start_new_session=True)
+                          env={**ray_align_env(), **PLANTED}, capture_output=True, text=True,
+                          timeout=timeout, start_new_session=True)
+
+
+def assert_no_secret_leaked(run_dir, *outputs: str) -> None:
+    """Secrets in the environment must appear in no output of a run: files, logs, manifests."""
+    files = [p for p in run_dir.rglob("*") if p.is_file()]
+    for secret in PLANTED.values():
+        assert not any(secret in out for out in outputs)
+        assert not [p for p in files if secret.encode() in p.read_bytes()]
 
 
 def test_run_every_stage_then_rerun_skips(tiny_model, tmp_path):
@@ -28,6 +40,7 @@ def test_run_every_stage_then_rerun_skips(tiny_model, tmp_path):
     assert "ray_align run summary" in result.stdout
 
     run = tmp_path / "run"
+    assert_no_secret_leaked(run, result.stdout, result.stderr)
     summary = json.loads((run / "summary.json").read_text())
     stages = summary["stages"]
     assert [stages[s]["status"] for s in stages] == ["complete"] * 5

@@ -92,3 +92,23 @@ def test_all_rows_bad_is_an_error_even_in_quarantine_mode(tmp_path):
     path = _jsonl(tmp_path / "p.jsonl", [{"prompt": ""}, {"prompt": " "}])
     with pytest.raises(DataError, match="no valid rows left"):
         _load(path, on_bad_row="quarantine")
+
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(prompts=st.lists(st.one_of(st.text(max_size=30), st.integers(), st.none()), min_size=1, max_size=12))
+def test_every_row_is_kept_or_quarantined_never_dropped(tmp_path_factory, prompts):
+    path = tmp_path_factory.mktemp("prop") / "p.jsonl"
+    path.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts), encoding="utf-8")
+    try:
+        loaded = _load(str(path), on_bad_row="quarantine", max_chars=20)
+    except DataError as exc:
+        assert "no valid rows left" in str(exc)
+        return
+    kept = loaded.table.column("prompt").to_pylist()
+    assert len(kept) + len(loaded.quarantined) == len(prompts)
+    assert all(isinstance(p, str) and p.strip() and len(p) <= 20 for p in kept)
+    assert len(set(loaded.table.column("id").to_pylist())) == len(kept)

@@ -1,0 +1,94 @@
+"""A real two-node Ray cluster on this machine (``ray start --head``, then a second node with its
+own resources), the pipeline submitted with Ray's own ``ray job submit`` CLI, SUCCEEDED awaited,
+and the outputs checked in the run directory. Token auth stays on: every process gets the token."""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO, ray_align_env, tiny_config
+
+pytestmark = pytest.mark.integration
+RAY = str(Path(sys.executable).with_name("ray"))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(predicate, timeout: float, what: str) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return
+        time.sleep(1)
+    raise TimeoutError(f"timed out waiting for {what}")
+
+
+@pytest.fixture
+def two_node_cluster():
+    env = {**ray_align_env(), "RAY_AUTH_TOKEN": secrets.token_hex(32)}
+    gcs, dashboard = free_port(), free_port()
+    started = []
+    try:
+        started.append(subprocess.Popen(
+            [RAY, "start", "--head", "--block", f"--port={gcs}", "--node-ip-address=127.0.0.1",
+             "--num-cpus=2", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
+             f"--dashboard-port={dashboard}", "--disable-usage-stats"],
+            env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        address = f"http://127.0.0.1:{dashboard}"
+
+        def nodes() -> int:
+            out = subprocess.run([RAY, "list", "nodes", f"--address=127.0.0.1:{gcs}", "--format=json"],
+                                 env=env, capture_output=True, text=True)
+            try:
+                return sum(n["state"] == "ALIVE" for n in json.loads(out.stdout))
+            except (json.JSONDecodeError, KeyError, TypeError):
+                return 0
+
+        wait_for(lambda: nodes() >= 1, 120, "the head node")
+        started.append(subprocess.Popen(
+            [RAY, "start", "--block", f"--address=127.0.0.1:{gcs}", "--node-ip-address=127.0.0.1",
+             "--num-cpus=1", '--resources={"second_node": 1}', "--disable-usage-stats"],
+            env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        wait_for(lambda: nodes() >= 2, 120, "the second node")
+        print(f"cluster up: 2 nodes, job server {address}")
+        yield address, env
+    finally:
+        for process in reversed(started):
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGTERM)
+        for process in reversed(started):
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+
+
+def test_pipeline_submitted_with_ray_job_submit(two_node_cluster, tiny_model, tmp_path):
+    address, env = two_node_cluster
+    config = tiny_config(tmp_path, tiny_model, harmful=4, **{"ray.shared_run_dir": True})
+    runtime_env = json.dumps({"working_dir": str(REPO),
+                              "excludes": [".git", ".venv", "runs", "**/__pycache__"]})
+    result = subprocess.run(
+        [RAY, "job", "submit", f"--address={address}", f"--runtime-env-json={runtime_env}", "--",
+         sys.executable, "jobs/run_pipeline.py", str(config)],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=1200)
+    print(result.stdout[-2000:])
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+    assert "SUCCEEDED" in result.stdout
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert [s["status"] for s in summary["stages"].values()] == ["complete"] * 5
+    assert (tmp_path / "run" / "train" / "model" / "config.json").exists()
