@@ -148,6 +148,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from ray_align.assets import AssetError
     from ray_align.config import ConfigError
+    from ray_align.generate import GenerationError
+    from ray_align.pipeline import StageError
     from ray_align.sources import DataError
     from ray_align.storage import StorageError
 
@@ -171,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
         stop = STAGE_ORDER.index(args.until) + 1 if args.until else len(STAGE_ORDER)
         run_pipeline(config, STAGE_ORDER[:stop])
         return 0
-    except (ConfigError, DataError, StorageError, AssetError) as exc:
+    except (ConfigError, DataError, StorageError, AssetError, GenerationError, StageError) as exc:
         print(f"ray-align: error: {exc}", file=sys.stderr)
         return 2
 
