@@ -17,6 +17,20 @@ from tests.conftest import REPO, ray_align_env, tiny_config
 pytestmark = pytest.mark.integration
 
 
+def kill_group(process: subprocess.Popen) -> None:
+    """SIGKILL the driver and the local Ray cluster it started, again until the group is empty:
+    a process forked while the first signal lands (an engine worker) would otherwise survive."""
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()  # reap the leader; the group lives on while any member does
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        try:
+            os.killpg(process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            return
+        time.sleep(0.5)
+
+
 def test_interrupted_induce_resumes_without_loss_or_duplicates(tiny_model, tmp_path):
     rows = 24
     config = tiny_config(tmp_path, tiny_model, harmful=rows, **{
@@ -32,8 +46,7 @@ def test_interrupted_induce_resumes_without_loss_or_duplicates(tiny_model, tmp_p
             break
         time.sleep(0.5)
     assert first.poll() is None, "the run ended before it could be interrupted"
-    os.killpg(first.pid, signal.SIGKILL)  # the driver and the local Ray cluster it started
-    first.wait()
+    kill_group(first)
     written = pq.read_table(parts).num_rows
     print(f"interrupted after {written} of {2 * rows} generations")
     assert 0 < written < 2 * rows
