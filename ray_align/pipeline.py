@@ -8,7 +8,6 @@ that was interrupted, and redoes one whose config or inputs changed.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import time
 from collections.abc import Callable
@@ -211,7 +210,3 @@ def format_summary(summary: dict[str, Any]) -> str:
         if key in summary:
             lines.append(f"  {key}: {summary[key]}")
     return "\n".join(lines)
-
-
-def dump_json(obj: Any) -> str:
-    return json.dumps(obj, indent=2, sort_keys=True, default=str)
