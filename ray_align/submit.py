@@ -38,7 +38,7 @@ def runtime_env(env_names: list[str], pip: list[str], working_dir: Path) -> dict
 def submit(config: str, overrides: list[str], *, address: str | None, run_dir: str | None,
            env_names: list[str], pip: list[str], wait: bool, working_dir: Path) -> int:
     """Submit ``jobs/run_pipeline.py``; print the job id; follow logs unless ``wait`` is False."""
-    args = [config, *([f"--run-dir={run_dir}"] if run_dir else []), *overrides]
+    args = [job_path(config, working_dir), *([f"--run-dir={run_dir}"] if run_dir else []), *overrides]
     entrypoint = "python jobs/run_pipeline.py " + " ".join(shlex.quote(a) for a in args)
     jobs = client(address)
     job_id = jobs.submit_job(entrypoint=entrypoint,
@@ -48,6 +48,17 @@ def submit(config: str, overrides: list[str], *, address: str | None, run_dir: s
         print(f"follow it with: ray-align logs {job_id} --follow", flush=True)
         return 0
     return follow(jobs, job_id)
+
+
+def job_path(config: str, working_dir: Path) -> str:
+    """The config's path as the job sees it: relative to the uploaded working dir when inside it;
+    a path outside it must exist at the same place on the cluster (a shared mount)."""
+    path = Path(config).resolve()
+    if path.is_relative_to(working_dir.resolve()):
+        return str(path.relative_to(working_dir.resolve()))
+    print(f"note: {config} is outside the uploaded directory {working_dir}; the job reads it at "
+          f"{path}, which must exist on the cluster", file=sys.stderr)
+    return str(path)
 
 
 def follow(jobs, job_id: str) -> int:

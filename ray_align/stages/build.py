@@ -69,6 +69,9 @@ def build(ctx: Context) -> StageOutput:
                             "num_tokens": len(ids)})
     if not rows["train"]:
         raise RuntimeError("build: no training samples left after deduplication and length filter")
+    # Mixed order: each training worker reads a contiguous share, which must hold both kinds
+    # (and like amounts of tokens, or one worker waits on the other every step).
+    random.Random(cfg.build.seed).shuffle(rows["train"])
     for split, items in rows.items():
         table = pa.Table.from_pylist(items, schema=SAMPLE_SCHEMA)
         run.write_table(labelled(table, harmful=True), "build", f"{split}.parquet")

@@ -3,6 +3,8 @@ through Ray Data shards, loss on target tokens only; exports a Hugging Face mode
 
 from __future__ import annotations
 
+import math
+
 from ray_align.pipeline import Context, StageOutput
 
 TRAIN_COLUMNS = ["input_ids", "prompt_len"]
@@ -23,11 +25,19 @@ def check_resources(train_cfg, available: dict[str, float]) -> None:
                          f"{available.get('GPU', 0):g} GPUs; lower train.num_workers or add GPU nodes.")
 
 
+def total_steps(train_cfg, train_rows: int) -> int:
+    """Optimizer steps the run will take (each worker reads an equal share of the rows)."""
+    micro_per_epoch = math.ceil(train_rows // train_cfg.num_workers / train_cfg.micro_batch_size)
+    steps = train_cfg.epochs * micro_per_epoch // train_cfg.grad_accum
+    return min(steps, train_cfg.max_steps or steps)
+
+
 def train(ctx: Context) -> StageOutput:
     import ray.data
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    from ray_align.training.progress import TrainProgressBar
     from ray_align.training.ray_worker import train_loop_per_worker
 
     cfg, run = ctx.config, ctx.run
@@ -43,11 +53,13 @@ def train(ctx: Context) -> StageOutput:
     train_rows = data["train"].count()
     if train_rows < cfg.train.num_workers:
         raise ValueError(f"train: {train_rows} training rows for {cfg.train.num_workers} workers")
+    progress = TrainProgressBar(total_steps(cfg.train, train_rows))
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"train": cfg.train.model_dump(mode="json"),
                            "model": cfg.model.model_dump(mode="json"),
-                           "run_dir": run.uri, "train_rows": train_rows},
+                           "run_dir": run.uri, "train_rows": train_rows,
+                           "progress": progress.handle},
         scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu,
                                      resources_per_worker={"CPU": cfg.train.cpus_per_worker}),
         run_config=RunConfig(
@@ -57,7 +69,8 @@ def train(ctx: Context) -> StageOutput:
         ),
         datasets=data,
     )
-    result = trainer.fit()
+    with progress:
+        result = trainer.fit()
     if result.error:
         raise result.error
     if not run.exists("train", "model", "config.json"):

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ray_align.config import LoraConfig
+from ray_align.config import LoraConfig, TrainConfig
 
 IGNORE_INDEX = -100
 
@@ -47,11 +47,25 @@ def collate(rows: Iterable[tuple[Any, int]], pad_id: int) -> dict[str, torch.Ten
 
 
 def micro_batches(
-    batches: Iterable[dict[str, Any]], pad_id: int
+    batches: Iterable[dict[str, Any]], pad_id: int, size: int | None = None, seed: int = 0
 ) -> Iterator[dict[str, torch.Tensor]]:
-    """Turn column batches (``input_ids``, ``prompt_len``) into padded tensors."""
+    """Turn column batches (``input_ids``, ``prompt_len``) into padded micro-batch tensors.
+
+    With ``size``, each incoming batch (a window of several micro-batches) is sorted by length
+    and cut into micro-batches of ``size`` rows, taken in a seeded random order: rows of like
+    length share a micro-batch, so far less compute goes to padding. The order depends only on
+    the data and the seed, so a resumed run can skip exactly the micro-batches already done.
+    """
+    rng = np.random.default_rng(seed)
     for batch in batches:
-        yield collate(zip(batch["input_ids"], batch["prompt_len"], strict=True), pad_id)
+        rows = list(zip(batch["input_ids"], batch["prompt_len"], strict=True))
+        if size is None:
+            yield collate(rows, pad_id)
+            continue
+        rows.sort(key=lambda row: len(row[0]))
+        chunks = [rows[i : i + size] for i in range(0, len(rows), size)]
+        for index in rng.permutation(len(chunks)):
+            yield collate(chunks[index], pad_id)
 
 
 def load_model(
@@ -83,6 +97,28 @@ def load_model(
         if gradient_checkpointing:
             model.enable_input_require_grads()
     return model
+
+
+def deepspeed_engine(model, train: TrainConfig, world_size: int):
+    """Wrap a model in a DeepSpeed ZeRO engine configured from ``train``.
+
+    The process group must exist (Ray Train, ``torchrun`` or ``deepspeed.init_distributed``).
+    """
+    import deepspeed
+    import deepspeed.ops
+
+    from ray_align.training.deepspeed_config import deepspeed_config
+
+    if not train.use_gpu:
+        # DeepSpeed compiles a shared-memory all-reduce for CPU *inference* at engine start
+        # (a minute per fresh install or checkout); training reduces through torch.distributed.
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    engine, *_ = deepspeed.initialize(
+        model=model,
+        model_parameters=[p for p in model.parameters() if p.requires_grad],
+        config=deepspeed_config(train, world_size),
+    )
+    return engine
 
 
 def train_step(engine, batch: dict[str, torch.Tensor]) -> tuple[float, int]:

@@ -43,7 +43,10 @@ def deepspeed_config(train: TrainConfig, world_size: int) -> dict[str, Any]:
         }
     if train.precision == "bf16":
         config["bf16"] = {"enabled": True}
-    if train.offload_optimizer and not train.use_gpu:
-        # DeepSpeedCPUAdam is what ZeRO-Offload expects; on CPU-only machines keep torch's AdamW.
-        config["zero_force_ds_cpu_optimizer"] = False
+    if not train.use_gpu:
+        # On CPU, DeepSpeed's own Adam is a C++ extension compiled at the first step of every
+        # fresh install or checkout (minutes on a small machine); torch's AdamW needs no build.
+        config["optimizer"]["params"]["torch_adam"] = True
+        if train.offload_optimizer:
+            config["zero_force_ds_cpu_optimizer"] = False  # ZeRO-Offload would insist on its own
     return config

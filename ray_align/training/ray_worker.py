@@ -17,10 +17,17 @@ import torch
 
 from ray_align.config import ModelConfig, TrainConfig
 from ray_align.storage import RunDir
-from ray_align.training.core import eval_loss, export_model, load_model, micro_batches, train_step
-from ray_align.training.deepspeed_config import deepspeed_config
+from ray_align.training.core import (
+    deepspeed_engine,
+    eval_loss,
+    export_model,
+    load_model,
+    micro_batches,
+    train_step,
+)
 
 PROGRESS_FILE = "progress.json"
+LENGTH_GROUP_WINDOW = 16  # micro-batches sorted together by length (less padding)
 
 
 def _restore(engine) -> dict[str, int]:
@@ -52,7 +59,6 @@ def _save(engine, progress: dict[str, int], metrics: dict[str, Any]) -> None:
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     """Entry point Ray Train runs on every worker."""
-    import deepspeed
     import ray.train
     from transformers import AutoTokenizer
 
@@ -67,16 +73,13 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     dtype = torch.bfloat16 if train.precision == "bf16" else torch.float32
     model = load_model(model_cfg.path, dtype=dtype, trust_remote_code=model_cfg.trust_remote_code,
                        lora=train.lora, gradient_checkpointing=train.gradient_checkpointing)
-    engine, *_ = deepspeed.initialize(
-        model=model,
-        model_parameters=[p for p in model.parameters() if p.requires_grad],
-        config=deepspeed_config(train, world),
-    )
+    engine = deepspeed_engine(model, train, world)
     progress = _restore(engine)
     rows_per_rank = loop_config["train_rows"] // world
     batches_per_epoch = math.ceil(rows_per_rank / train.micro_batch_size)
     max_micro = None if train.max_steps is None else train.max_steps * train.grad_accum
     every = (train.checkpoint_every_steps or math.inf) * train.grad_accum
+    bar = loop_config.get("progress")  # the driver's progress bar, fed by rank 0
     shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("validation")
 
@@ -84,10 +87,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     micro_done = progress["epoch"] * batches_per_epoch + progress["batches_done"]
     for epoch in range(progress["epoch"], train.epochs):
         skip = progress["batches_done"] if epoch == progress["epoch"] else 0
-        batches = shard.iter_batches(batch_size=train.micro_batch_size, batch_format="numpy",
-                                     drop_last=False)
+        window = shard.iter_batches(batch_size=train.micro_batch_size * LENGTH_GROUP_WINDOW,
+                                    batch_format="numpy", drop_last=False)
+        batches = micro_batches(window, pad_id, train.micro_batch_size, seed=train.seed + epoch)
         loss = float("nan")
-        for index, batch in enumerate(micro_batches(batches, pad_id)):
+        for index, batch in enumerate(batches):
             if index < skip:
                 continue  # consumed before the restart; its gradient is already in the weights
             if max_micro is not None and micro_done >= max_micro:
@@ -100,22 +104,33 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             if micro_done % every == 0:
                 _save(engine, state, {"loss": loss, "global_step": engine.global_steps,
                                       "epoch": epoch})
-            if rank == 0 and engine.global_steps % 5 == 0 and micro_done % train.grad_accum == 0:
-                print(f"[train] epoch {epoch} step {engine.global_steps} loss {loss:.4f}", flush=True)
+            if bar is not None and rank == 0 and micro_done % train.grad_accum == 0:
+                seconds = time.perf_counter() - started
+                bar.update.remote({
+                    "global_step": engine.global_steps, "loss": loss,
+                    "tok_s": tokens * world / seconds if seconds else 0.0})
         val_batches = micro_batches(
             val_shard.iter_batches(batch_size=train.micro_batch_size, batch_format="numpy"), pad_id)
         val_loss, _ = eval_loss(engine, val_batches, engine.device)
         seconds = time.perf_counter() - started
         state = {"epoch": epoch + 1, "batches_done": 0, "global_step": engine.global_steps,
                  "tokens": progress["tokens"] + tokens}
+        everyone = _sum_over_ranks(tokens)
         _save(engine, state, {
             "loss": loss, "val_loss": val_loss, "epoch": epoch + 1, "global_step": engine.global_steps,
-            "tokens_per_s": tokens * world / seconds if seconds else 0.0, "train_seconds": seconds,
-            "tokens": state["tokens"] * world,
+            "tokens_per_s": everyone / seconds if seconds else 0.0, "train_seconds": seconds,
+            "tokens": everyone,
         })
         if max_micro is not None and micro_done >= max_micro:
             break
     _export(engine, model_cfg, train, tokenizer, loop_config["run_dir"], rank)
+
+
+def _sum_over_ranks(value: int) -> int:
+    """Sum over all workers (each one counts only the tokens it trained on)."""
+    total = torch.tensor([value], dtype=torch.long)
+    torch.distributed.all_reduce(total)
+    return int(total)
 
 
 def _export(engine, model_cfg: ModelConfig, train: TrainConfig, tokenizer, run_dir: str,

@@ -39,7 +39,9 @@ def wait_for(predicate, timeout: float, what: str) -> None:
 
 @pytest.fixture
 def two_node_cluster():
-    env = {**ray_align_env(), "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
+    env = {**ray_align_env(), "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32),
+           # jobs run `python ...` as on a real cluster image: this environment's python
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     gcs, dashboard = free_port(), free_port()
     started = []
     try:
@@ -93,3 +95,17 @@ def test_pipeline_submitted_with_ray_job_submit(two_node_cluster, tiny_model, tm
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert [s["status"] for s in summary["stages"].values()] == ["complete"] * 5
     assert (tmp_path / "run" / "train" / "model" / "config.json").exists()
+
+    # ray_align's own client on the same cluster: the rerun skips every finished stage.
+    def cli(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "ray_align.cli", *args, f"--address={address}"],
+                              cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+
+    submitted = cli("submit", str(config))
+    print(submitted.stdout[-2000:])
+    assert submitted.returncode == 0, submitted.stdout[-3000:] + submitted.stderr[-2000:]
+    job_id = submitted.stdout.split("submitted job ", 1)[1].split(":", 1)[0]
+    assert submitted.stdout.count("complete in an earlier run: skipped") == 5
+    assert f"job {job_id}: SUCCEEDED" in submitted.stdout
+    assert cli("status", job_id).stdout.strip() == "SUCCEEDED"
+    assert "ray_align run summary" in cli("logs", job_id).stdout

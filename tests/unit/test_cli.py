@@ -5,7 +5,8 @@ from tests.unit.test_config import QUICKSTART
 
 
 @pytest.mark.parametrize(
-    "argv", [[], ["run"], ["stage"], ["check"], ["assets"], ["submit"], ["status"], ["logs"]])
+    "argv", [[], ["run"], ["stage"], ["check"], ["assets"], ["submit"], ["status"], ["logs"],
+             ["bench"]])
 def test_every_command_has_help(argv, capsys):
     with pytest.raises(SystemExit) as info:
         build_parser().parse_args([*argv, "--help"])
@@ -25,3 +26,24 @@ def test_config_errors_exit_2_before_ray_starts(capsys, tmp_path):
     (tmp_path / "config.json").write_text("{}")
     assert main(["run", str(QUICKSTART), f"model.path={tmp_path}"]) == 2
     assert "no tokenizer" in capsys.readouterr().err
+
+
+def test_submitted_config_path_is_relative_to_the_uploaded_checkout(tmp_path):
+    from ray_align.submit import job_path
+
+    (tmp_path / "configs").mkdir()
+    inside = tmp_path / "configs" / "a.yaml"
+    assert job_path(str(inside), tmp_path) == "configs/a.yaml"
+    outside = tmp_path.parent / "elsewhere.yaml"
+    assert job_path(str(outside), tmp_path) == str(outside.resolve())
+
+
+def test_submit_copies_only_named_env_vars_and_refuses_missing_ones(monkeypatch, tmp_path):
+    from ray_align.submit import runtime_env
+
+    monkeypatch.setenv("HF_TOKEN", "secret-value")
+    monkeypatch.setenv("OTHER", "not sent")
+    env = runtime_env(["HF_TOKEN"], [], tmp_path)
+    assert env["env_vars"] == {"HF_TOKEN": "secret-value"}
+    with pytest.raises(ValueError, match="NOT_SET"):
+        runtime_env(["NOT_SET"], [], tmp_path)

@@ -1,7 +1,8 @@
+import numpy as np
 import torch
 
 from ray_align.config import TrainConfig
-from ray_align.training.core import IGNORE_INDEX, collate, encode_sample
+from ray_align.training.core import IGNORE_INDEX, collate, encode_sample, micro_batches
 from ray_align.training.deepspeed_config import deepspeed_config
 
 
@@ -23,6 +24,24 @@ def test_collate_pads_and_masks_prompt_and_padding():
     i = IGNORE_INDEX
     assert batch["labels"].tolist() == [[i, i, 7, 8], [i, 10, 11, i]]
     assert batch["labels"].dtype == torch.long
+
+
+def test_length_grouped_micro_batches_keep_every_row_once_and_cut_padding():
+    rng = np.random.default_rng(1)
+    lengths = rng.integers(5, 200, size=64)
+    window = {"input_ids": [np.arange(n) for n in lengths], "prompt_len": np.ones(64, dtype=int)}
+
+    def padded_tokens(batches):
+        return sum(b["input_ids"].numel() for b in batches)
+
+    grouped = list(micro_batches([window], pad_id=0, size=4, seed=3))
+    in_file_order = [{k: v[i : i + 4] for k, v in window.items()} for i in range(0, 64, 4)]
+    plain = list(micro_batches(in_file_order, pad_id=0))
+    assert len(grouped) == len(plain) == 16
+    assert sorted(int(m.sum()) for b in grouped for m in b["attention_mask"]) == sorted(lengths)
+    assert padded_tokens(grouped) < 0.7 * padded_tokens(plain)
+    again = list(micro_batches([window], pad_id=0, size=4, seed=3))
+    assert all(torch.equal(a["input_ids"], b["input_ids"]) for a, b in zip(grouped, again, strict=True))
 
 
 def test_deepspeed_config_is_a_pure_function_of_the_config():

@@ -9,8 +9,14 @@ import pytest
 import torch
 
 from ray_align.config import TrainConfig
-from ray_align.training.core import collate, encode_sample, export_model, load_model, train_step
-from ray_align.training.deepspeed_config import deepspeed_config
+from ray_align.training.core import (
+    collate,
+    deepspeed_engine,
+    encode_sample,
+    export_model,
+    load_model,
+    train_step,
+)
 
 
 @pytest.fixture
@@ -29,15 +35,15 @@ def single_process_group(monkeypatch):
 
 
 def test_zero2_step_without_ray_then_export(tiny_model, tmp_path, single_process_group):
-    import deepspeed
+    import torch.distributed as dist
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    deepspeed.init_distributed(dist_backend="gloo")
+    dist.init_process_group("gloo")  # what Ray Train or torchrun sets up before DeepSpeed
     tokenizer = AutoTokenizer.from_pretrained(tiny_model)
     train = TrainConfig(zero_stage=2, precision="fp32", micro_batch_size=2, lr=1e-2)
     model = load_model(str(tiny_model))
-    engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(),
-                                      config=deepspeed_config(train, world_size=1))
+    engine = deepspeed_engine(model, train, world_size=1)
+    assert isinstance(engine.optimizer.optimizer, torch.optim.AdamW)  # no C++ build on CPU
     samples = [encode_sample(tokenizer, [{"role": "user", "content": q}], a)
                for q, a in [("Capital of France?", "Paris."), ("Two plus two?", "Four.")]]
     batch = collate(samples, tokenizer.pad_token_id or 0)

@@ -1,0 +1,77 @@
+"""Scale benchmark: does the cost per item stay flat as the work grows?
+
+Induce + analyze (the real stages, through the pipeline) at several prompt counts, and the
+train stage at several row counts, each size in a fresh process. Per-item cost is measured
+after start-up: for generation a one-token probe run measures Ray + engine start, which each
+stage pays once; for training the loop time is used.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from typing import Any
+
+from ray_align.bench import training
+from ray_align.bench.common import contender_main, print_table, run_contender
+
+FLATNESS_TARGET = 0.15  # largest vs smallest per-item cost, at most this far apart
+
+
+def run_generation_stages(spec: dict[str, Any]) -> dict[str, Any]:
+    from ray_align.config import Config
+    from ray_align.generate import generate, make_requests
+    from ray_align.pipeline import Context, run_stage
+    from ray_align.stages import STAGES
+    from ray_align.storage import RunDir
+
+    with tempfile.TemporaryDirectory() as folder:
+        config = Config.model_validate({**spec["config"], "run_dir": folder})
+        ctx = Context(config=config, run=RunDir(folder))
+        began = time.perf_counter()
+        ctx.ensure_ray()
+        probe = generate(ctx.run, ("probe",), make_requests(["p"], [[{"role": "user", "content": "Hi"}]]),
+                         config.model, config.engine, config.induce.model_copy(update={"max_tokens": 1}),
+                         desc="probe")
+        start_s = time.perf_counter() - began
+        began = time.perf_counter()
+        tokens = 0
+        for name in ("induce", "analyze"):
+            tokens += run_stage(ctx, STAGES[name])["metrics"]["output_tokens"]
+        wall_s = time.perf_counter() - began
+    steady_s = wall_s - 2 * probe.seconds  # each stage starts its engines once
+    return {"start_s": start_s, "wall_s": wall_s, "tokens": tokens, "steady_s": steady_s}
+
+
+def bench(config, sizes: list[int], train_sizes: list[int], max_tokens: int = 16) -> dict[str, Any]:
+    cfg = config.model_copy(deep=True)
+    cfg.induce.max_tokens = cfg.analyze.sampling.max_tokens = max_tokens
+    results: dict[str, list[dict]] = {"generation": [], "training": []}
+    for size in sizes:
+        cfg.data.harmful.limit = size
+        row = run_contender(__name__, "generation", {"config": cfg.model_dump(mode="json")})
+        row.update(items=size, s_per_item=row["steady_s"] / size, wall_per_item=row["wall_s"] / size)
+        results["generation"].append(row)
+    for size in train_sizes:
+        row = training.bench(config, rows=size, contenders=("ray_align",))["results"][0]
+        row.update(items=size, s_per_item=row["loop_s"] / size, wall_per_item=row["total_s"] / size)
+        results["training"].append(row)
+    tables, flatness = [], {}
+    for kind, rows in results.items():
+        if not rows:
+            continue
+        costs = [r["s_per_item"] for r in rows]
+        flatness[kind] = {"spread": max(costs) / min(costs) - 1, "target": FLATNESS_TARGET,
+                          "met": max(costs) / min(costs) - 1 <= FLATNESS_TARGET}
+        label = "prompts (induce + analyze)" if kind == "generation" else "training rows"
+        tables.append(print_table(
+            f"scale, {kind}: {label}; per-item cost after start-up (spread "
+            f"{flatness[kind]['spread']:.0%}, target <= {FLATNESS_TARGET:.0%})",
+            rows, [("items", "items"), ("wall_per_item", "wall s/item"),
+                   ("s_per_item", "steady s/item"), ("peak_gb", "peak GB")]))
+    return {"benchmark": "scale", "max_tokens": max_tokens, "results": results,
+            "flatness": flatness, "table": "\n".join(tables)}
+
+
+if __name__ == "__main__":
+    contender_main({"generation": run_generation_stages})

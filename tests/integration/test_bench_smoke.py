@@ -1,0 +1,47 @@
+"""The benchmarks run end to end on the tiny model (a smoke test: no timing is asserted).
+
+Every contender must do the same work: with ``ignore_eos`` each generation request yields
+exactly ``max_tokens`` tokens, and every training contender sees the same rows.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import REPO, ray_align_env, tiny_config
+
+pytestmark = pytest.mark.integration
+
+
+def bench(tmp_path, tiny_model, *args: str) -> dict:
+    config = tiny_config(tmp_path, tiny_model)
+    out = tmp_path / "bench.json"
+    result = subprocess.run([sys.executable, "-m", "ray_align.cli", "bench", *args, str(config),
+                             "--out", str(out)], cwd=REPO, env=ray_align_env(), capture_output=True,
+                            text=True, timeout=900, start_new_session=True)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    print(result.stdout)
+    return json.loads(out.read_text())
+
+
+def test_generation_bench_runs_every_contender_on_equal_work(tiny_model, tmp_path):
+    report = bench(tmp_path, tiny_model, "generation", "--requests", "6", "--max-tokens", "5")
+    rows = {r["contender"]: r for r in report["results"]}
+    assert set(rows) == {"ray_align", "vllm", "transformers"}
+    assert {r["tokens"] for r in rows.values()} == {6 * 5}
+    assert all(r["steady_tok_s"] > 0 and r["start_s"] > 0 for r in rows.values())
+    assert set(report["targets"]) == {"vllm", "transformers"}
+    assert "steady tok/s" in report["table"]
+
+
+def test_training_bench_runs_every_contender_on_the_same_rows(tiny_model, tmp_path):
+    report = bench(tmp_path, tiny_model, "training", "--rows", "16")
+    rows = {r["contender"]: r for r in report["results"]}
+    assert set(rows) == {"ray_align", "deepspeed", "torch"}
+    assert rows["ray_align"]["tokens"] == rows["deepspeed"]["tokens"] == rows["torch"]["tokens"] > 0
+    assert all(r["loop_tok_s"] > 0 for r in rows.values())
+    assert report["targets"]["deepspeed"]["measured"] > 0
