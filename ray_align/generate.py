@@ -11,12 +11,14 @@ import json
 import time
 import uuid
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import pyarrow as pa
 from tqdm import tqdm
 
 from ray_align.config import EngineConfig, ModelConfig, SamplingConfig
+from ray_align.sources import ContextLimit
 from ray_align.storage import RunDir
 
 REQUEST_SCHEMA = pa.schema([("key", pa.string()), ("messages", pa.string())])
@@ -126,6 +128,21 @@ def build_engine_processor(model: ModelConfig, engine: EngineConfig, sampling: S
     light = {"num_cpus": LIGHT_CPU}
     return build_processor(config, preprocess=preprocess, postprocess=postprocess,
                            preprocess_map_kwargs=light, postprocess_map_kwargs=light)
+
+
+def context_limit(model: ModelConfig, max_tokens: int, to_messages: Callable[[str], list],
+                  setting: str) -> ContextLimit:
+    """Refuse prompts that, chat-formatted, leave fewer than ``max_tokens`` of the model's context
+    for the answer: named and quarantined at load time instead of failing inside the engine."""
+    from transformers import AutoTokenizer
+
+    from ray_align.training.core import chat_prompt_ids
+
+    tokenizer = AutoTokenizer.from_pretrained(model.path, trust_remote_code=model.trust_remote_code)
+    return ContextLimit(
+        count_tokens=lambda prompt: len(chat_prompt_ids(tokenizer, to_messages(prompt))),
+        limit=model.max_model_len - max_tokens,
+        why=f"model.max_model_len {model.max_model_len} minus {setting} {max_tokens}")
 
 
 def done_ids(run: RunDir, *folder: str) -> set[str]:

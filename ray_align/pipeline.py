@@ -106,6 +106,19 @@ def _expected_inputs(run: RunDir, stage: Stage) -> dict[str, str]:
     return found
 
 
+def check_output_intact(run: RunDir, name: str, record: dict[str, Any]) -> None:
+    """A finished stage's output is reused only as written: a file must still hash the same
+    (a folder, such as a large model on cloud storage, must still exist)."""
+    output = record.get("output", "")
+    where = run.uri_of(name, output)
+    if not run.exists(name, output):
+        raise StageError(f"{where} is gone since stage {name!r} finished; delete "
+                         f"{run.uri_of(name)} to redo the stage")
+    if output.endswith(".parquet") and run.fingerprint(name, output) != record.get("fingerprint"):
+        raise StageError(f"{where} changed or was corrupted since stage {name!r} finished; "
+                         f"delete {run.uri_of(name)} to redo the stage")
+
+
 def run_stage(ctx: Context, stage: Stage) -> dict[str, Any]:
     """Run one stage with skip / resume / redo semantics; return its manifest."""
     run = ctx.run
@@ -114,6 +127,7 @@ def run_stage(ctx: Context, stage: Stage) -> dict[str, Any]:
     previous = manifest(run, stage.name)
     same = bool(previous) and (previous.get("config_hash"), previous.get("inputs")) == (config_hash, inputs)
     if same and previous.get("status") == "complete":
+        check_output_intact(run, stage.name, previous)
         print(f"[{stage.name}] complete in an earlier run: skipped", flush=True)
         return previous
     if same:

@@ -12,6 +12,7 @@ import hashlib
 import io
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -106,8 +107,18 @@ def _text_problem(value: Any, max_chars: int | None) -> str | None:
     return None
 
 
+@dataclass
+class ContextLimit:
+    """Prompts whose chat-formatted token count leaves no room for the answer are bad rows."""
+
+    count_tokens: Callable[[str], int]  # a prompt's tokens as the engine will see it
+    limit: int
+    why: str  # which settings make the limit, for the error message
+
+
 def load_source(
-    source: SourceConfig, max_prompt_chars: int, on_bad_row: str, name: str | None = None
+    source: SourceConfig, max_prompt_chars: int, on_bad_row: str, name: str | None = None,
+    context: ContextLimit | None = None,
 ) -> Loaded:
     """Load, map and validate one source into PROMPT_SCHEMA rows."""
     path = resolve(source.path)
@@ -133,11 +144,13 @@ def load_source(
         if not problem and source.response_column:
             bad = _text_problem(response, None)
             problem = bad and f"{source.response_column}: {bad}"
-        raw_id = record.get(source.id_column) if source.id_column else None
+        raw_id = _id_text(record.get(source.id_column)) if source.id_column else None
         if source.id_column and not problem:
-            bad = _text_problem(raw_id if not isinstance(raw_id, int) else str(raw_id), None)
+            bad = _text_problem(raw_id, None)
             problem = bad and f"{source.id_column}: {bad}"
         row_id = str(raw_id) if raw_id is not None else _text_id(label, prompt)
+        if not problem and context is not None and (n := context.count_tokens(prompt)) > context.limit:
+            problem = f"{source.prompt_column}: {n} tokens, over the {context.limit} ({context.why})"
         if not problem and row_id in seen:
             problem = f"duplicate id {row_id!r}" if source.id_column else "duplicate prompt"
         if problem:
@@ -152,6 +165,16 @@ def load_source(
     if not rows:
         raise DataError(f"{source.path}: no valid rows left ({len(quarantined)} quarantined)")
     return Loaded(pa.Table.from_pylist(rows, schema=PROMPT_SCHEMA), quarantined)
+
+
+def _id_text(value: Any) -> Any:
+    """Numeric ids as text (a float column of whole numbers, as Parquet stores ids with gaps);
+    NaN and anything else pass through for the validity check to name."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) or (isinstance(value, float) and value.is_integer()):
+        return str(int(value))
+    return value
 
 
 def _text_id(label: str, text: Any) -> str:

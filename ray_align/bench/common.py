@@ -53,6 +53,7 @@ def report(result: dict[str, Any]) -> None:
 
 def run_contender(module: str, name: str, spec: dict[str, Any], timeout_s: float = 3600) -> dict:
     """Run ``python -m MODULE NAME SPEC_JSON`` in a fresh process and return what it reports."""
+    print(f"[bench] {name}: running in a fresh process", flush=True)
     started = time.perf_counter()
     proc = subprocess.run([sys.executable, "-m", module, name, json.dumps(spec)],
                           capture_output=True, text=True, timeout=timeout_s,
@@ -63,6 +64,7 @@ def run_contender(module: str, name: str, spec: dict[str, Any], timeout_s: float
         raise BenchError(f"contender {name!r} exited {proc.returncode}:\n{tail}")
     result = json.loads(lines[-1][len(RESULT_PREFIX):])
     result["process_s"] = round(time.perf_counter() - started, 1)
+    print(f"[bench] {name}: done in {result['process_s']} s", flush=True)
     return result
 
 

@@ -11,7 +11,7 @@ import pyarrow as pa
 from ray_align import prompts
 from ray_align.assets import asset_home
 from ray_align.config import ModelConfig
-from ray_align.generate import generate, make_requests, results_by_id
+from ray_align.generate import context_limit, generate, make_requests, results_by_id
 from ray_align.judge import is_refusal, judge_accuracy
 from ray_align.pipeline import Context, StageOutput, labelled, write_quarantine
 from ray_align.sources import load_source
@@ -52,9 +52,12 @@ def _held_out_sets(ctx: Context) -> tuple[list[dict], list[dict]]:
     cfg, run = ctx.config, ctx.run
     trained = set(run.read_table("induce", "data.parquet").column("instruction").to_pylist())
     harmful, quarantined = [], []
+    fits = context_limit(cfg.model, cfg.evaluate.sampling.max_tokens,
+                         lambda p: prompts.evaluate_prompt(p, cfg.evaluate.reminder),
+                         "evaluate.sampling.max_tokens")
     for index, source in enumerate(cfg.evaluate.harmful):
         name = source.path.removeprefix("asset:").rsplit("/", 1)[-1].split(".")[0] or f"set{index}"
-        loaded = load_source(source, cfg.data.max_prompt_chars, cfg.data.on_bad_row, name)
+        loaded = load_source(source, cfg.data.max_prompt_chars, cfg.data.on_bad_row, name, fits)
         quarantined += loaded.quarantined
         rows = loaded.table.to_pylist()
         overlap = [r["id"] for r in rows if r["prompt"] in trained]
@@ -64,7 +67,7 @@ def _held_out_sets(ctx: Context) -> tuple[list[dict], list[dict]]:
                              "hold them out")
         harmful += [{**r, "set": name} for r in rows]
     loaded = load_source(cfg.evaluate.helpful, cfg.data.max_prompt_chars, cfg.data.on_bad_row,
-                         "helpful_eval")
+                         "helpful_eval", fits)
     quarantined += loaded.quarantined
     write_quarantine(run, "evaluate", quarantined)
     return harmful, [{**r, "set": "helpful"} for r in loaded.table.to_pylist()]

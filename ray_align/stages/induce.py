@@ -6,7 +6,7 @@ from __future__ import annotations
 import pyarrow as pa
 
 from ray_align import prompts
-from ray_align.generate import generate, make_requests, results_by_id
+from ray_align.generate import context_limit, generate, make_requests, results_by_id
 from ray_align.judge import is_refusal
 from ray_align.pipeline import Context, StageOutput, labelled, write_quarantine
 from ray_align.sources import load_source
@@ -20,7 +20,9 @@ INDUCED_SCHEMA = pa.schema([
 
 def induce(ctx: Context) -> StageOutput:
     cfg, run = ctx.config, ctx.run
-    loaded = load_source(cfg.data.harmful, cfg.data.max_prompt_chars, cfg.data.on_bad_row, "harmful")
+    fits = context_limit(cfg.model, cfg.induce.max_tokens, prompts.induce_guided, "induce.max_tokens")
+    loaded = load_source(cfg.data.harmful, cfg.data.max_prompt_chars, cfg.data.on_bad_row, "harmful",
+                         fits)
     quarantined = write_quarantine(run, "induce", loaded.quarantined)
     rows = loaded.table.to_pylist()
     keys, messages = [], []

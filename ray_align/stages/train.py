@@ -76,5 +76,6 @@ def train(ctx: Context) -> StageOutput:
     if not run.exists("train", "model", "config.json"):
         raise RuntimeError(f"train finished but no model was exported to {run.uri_of('train', 'model')}")
     metrics = {k: v for k, v in (result.metrics or {}).items()
-               if k in ("loss", "val_loss", "global_step", "tokens_per_s", "tokens", "train_seconds")}
+               if k in ("loss", "val_loss", "global_step", "tokens_per_s", "tokens", "train_seconds",
+                        "resumed_from_step")}
     return StageOutput(train_rows, "model", metrics)

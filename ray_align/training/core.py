@@ -17,15 +17,21 @@ from ray_align.config import LoraConfig, TrainConfig
 IGNORE_INDEX = -100
 
 
+def chat_prompt_ids(tokenizer, messages: list[dict[str, str]]) -> list[int]:
+    """Token ids of chat messages through the model's template, the assistant turn opened."""
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    if isinstance(ids, dict) or hasattr(ids, "input_ids"):
+        ids = ids["input_ids"]
+    return list(ids)
+
+
 def encode_sample(tokenizer, messages: list[dict[str, str]], target: str) -> tuple[list[int], int]:
     """Token ids of prompt + target (+ end of turn), and how many leading tokens are prompt.
 
     The prompt goes through the model's chat template with the assistant turn opened, so the
     loss falls on exactly the tokens the model must learn to produce.
     """
-    prompt_ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-    if isinstance(prompt_ids, dict) or hasattr(prompt_ids, "input_ids"):
-        prompt_ids = prompt_ids["input_ids"]
+    prompt_ids = chat_prompt_ids(tokenizer, messages)
     target_ids = tokenizer(target, add_special_tokens=False)["input_ids"]
     end = tokenizer.eos_token_id
     return list(prompt_ids) + list(target_ids) + ([end] if end is not None else []), len(prompt_ids)

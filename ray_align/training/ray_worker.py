@@ -37,12 +37,24 @@ def _restore(engine) -> dict[str, int]:
     if checkpoint is None:
         return {"epoch": 0, "batches_done": 0, "global_step": 0, "tokens": 0}
     with checkpoint.as_directory() as folder:
-        engine.load_checkpoint(folder, tag="state")
-        with open(os.path.join(folder, PROGRESS_FILE)) as src:
-            progress = json.load(src)
+        try:
+            loaded, _ = engine.load_checkpoint(folder, tag="state")
+            with open(os.path.join(folder, PROGRESS_FILE)) as src:
+                progress = json.load(src)
+            if loaded is None:
+                raise FileNotFoundError("no DeepSpeed state in it")
+        except Exception as exc:  # noqa: BLE001 - any unreadable part makes the whole unusable
+            raise CheckpointError(
+                f"checkpoint {checkpoint.path} is unreadable ({type(exc).__name__}: {exc}); "
+                "delete that checkpoint folder to restart from the one before it (or from "
+                "scratch)") from exc
     print(f"[train] resumed at epoch {progress['epoch']}, batch {progress['batches_done']}, "
           f"step {progress['global_step']}", flush=True)
     return progress
+
+
+class CheckpointError(RuntimeError):
+    """A training checkpoint is truncated or corrupt: never resume from it silently."""
 
 
 def _save(engine, progress: dict[str, int], metrics: dict[str, Any]) -> None:
@@ -75,6 +87,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                        lora=train.lora, gradient_checkpointing=train.gradient_checkpointing)
     engine = deepspeed_engine(model, train, world)
     progress = _restore(engine)
+    resumed_from = progress["global_step"]  # 0 unless this attempt continues a checkpoint
     rows_per_rank = loop_config["train_rows"] // world
     batches_per_epoch = math.ceil(rows_per_rank / train.micro_batch_size)
     max_micro = None if train.max_steps is None else train.max_steps * train.grad_accum
@@ -119,7 +132,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         _save(engine, state, {
             "loss": loss, "val_loss": val_loss, "epoch": epoch + 1, "global_step": engine.global_steps,
             "tokens_per_s": everyone / seconds if seconds else 0.0, "train_seconds": seconds,
-            "tokens": everyone,
+            "tokens": everyone, "resumed_from_step": resumed_from,
         })
         if max_micro is not None and micro_done >= max_micro:
             break

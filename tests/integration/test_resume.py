@@ -1,8 +1,10 @@
 """Interrupt a run in the middle of a stage (SIGKILL of the driver's process group), rerun it on
-the same run directory, and check that every row is there exactly once."""
+the same run directory, and check that every row is there exactly once; then the same in the
+middle of training: the rerun continues from the last checkpoint's step, not from 0."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -12,6 +14,8 @@ import time
 import pyarrow.parquet as pq
 import pytest
 
+from ray_align.config import load_config
+from ray_align.stages.train import total_steps
 from tests.conftest import REPO, ray_align_env, tiny_config
 
 pytestmark = pytest.mark.integration
@@ -35,7 +39,7 @@ def test_interrupted_induce_resumes_without_loss_or_duplicates(tiny_model, tmp_p
     rows = 24
     config = tiny_config(tmp_path, tiny_model, harmful=rows, **{
         "engine.batch_size": 4, "engine.shard_rows": 4, "engine.max_concurrent_batches": 1,
-        "induce.max_tokens": 48})
+        "induce.max_tokens": 48, "train.checkpoint_every_steps": 2, "train.micro_batch_size": 1})
     parts = tmp_path / "run" / "induce" / "parts"
     cmd = [sys.executable, "-m", "ray_align.cli", "run", str(config), "--until", "induce"]
     first = subprocess.Popen(cmd, cwd=REPO, env=ray_align_env(), start_new_session=True,
@@ -60,3 +64,27 @@ def test_interrupted_induce_resumes_without_loss_or_duplicates(tiny_model, tmp_p
     assert len(keys) == len(set(keys)) == 2 * rows
     induced = pq.read_table(tmp_path / "run" / "induce" / "data.parquet")
     assert induced.num_rows == rows and len(set(induced.column("id").to_pylist())) == rows
+
+    # Then through training: the driver killed after a mid-epoch checkpoint, the rerun continues
+    # from that step and ends at the step count of an uninterrupted run.
+    cmd = [sys.executable, "-m", "ray_align.cli", "run", str(config), "--until", "train"]
+    third = subprocess.Popen(cmd, cwd=REPO, env=ray_align_env(), start_new_session=True,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    checkpoints = tmp_path / "run" / "train" / "ray_train"
+    deadline = time.time() + 900
+    while time.time() < deadline and third.poll() is None and not list(checkpoints.glob("checkpoint_*")):
+        time.sleep(0.5)
+    assert third.poll() is None, "the run ended before training could be interrupted"
+    kill_group(third)
+    fourth = subprocess.run(cmd, cwd=REPO, env=ray_align_env(), capture_output=True, text=True,
+                            timeout=900, start_new_session=True)
+    assert fourth.returncode == 0, fourth.stderr[-4000:]
+    record = json.loads((tmp_path / "run" / "train" / "manifest.json").read_text())
+    train_rows = pq.read_metadata(tmp_path / "run" / "build" / "train.parquet").num_rows
+    expected = total_steps(load_config(str(config)).train, train_rows)
+    metrics = record["metrics"]
+    print(f"train: driver killed after a checkpoint; rerun resumed from step "
+          f"{metrics['resumed_from_step']}, ended at {metrics['global_step']} of {expected}")
+    assert record["status"] == "complete"
+    assert 0 < metrics["resumed_from_step"] < expected
+    assert metrics["global_step"] == expected

@@ -87,3 +87,17 @@ def test_node_local_run_dir_is_refused_on_a_multi_node_cluster(tmp_path):
     check_shared_storage(local, True, nodes)  # the user says it is a shared mount
     check_shared_storage(local, False, nodes[:1])
     check_shared_storage(RunDir(f"file://{tmp_path}"), False, nodes[:1])
+
+
+def test_finished_output_that_changed_or_vanished_is_never_reused(tmp_path):
+    calls = []
+    stage = Stage("first", ("induce",), (), _writer(calls))
+    run_stage(_ctx(tmp_path), stage)
+    data = tmp_path / "first" / "data.parquet"
+    data.write_bytes(data.read_bytes()[:-20])  # truncated after the stage finished
+    with pytest.raises(StageError, match=r"first/data.parquet changed or was corrupted"):
+        run_stage(_ctx(tmp_path), stage)
+    data.unlink()
+    with pytest.raises(StageError, match=r"first/data.parquet is gone"):
+        run_stage(_ctx(tmp_path), stage)
+    assert len(calls) == 1

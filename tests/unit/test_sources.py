@@ -40,54 +40,6 @@ def test_offset_and_limit(tmp_path):
     assert _load(path, offset=3, limit=2).table.column("prompt").to_pylist() == ["p3", "p4"]
 
 
-@pytest.mark.parametrize(
-    ("rows", "reason"),
-    [
-        ([{"prompt": "fine"}, {"prompt": ""}], "row 2: prompt: empty"),
-        ([{"prompt": "fine"}, {"prompt": 42}], "row 2: prompt: not a string"),
-        ([{"prompt": "fine"}, {"prompt": None}], "row 2: prompt: missing"),
-        ([{"prompt": "fine"}, {"prompt": "x" * 101}], "row 2: prompt: 101 characters"),
-        ([{"prompt": "same"}, {"prompt": "same"}], "row 2: duplicate prompt"),
-    ],
-)
-def test_bad_rows_stop_or_are_quarantined(tmp_path, rows, reason):
-    path = _jsonl(tmp_path / "p.jsonl", rows)
-    with pytest.raises(DataError, match=reason):
-        _load(path)
-    loaded = _load(path, on_bad_row="quarantine")
-    assert loaded.table.num_rows == 1
-    assert [q["row"] for q in loaded.quarantined] == [2]
-    assert reason.split(": ", 1)[1] in loaded.quarantined[0]["reason"]
-
-
-def test_duplicate_ids_are_named(tmp_path):
-    path = _jsonl(tmp_path / "p.jsonl", [{"id": 1, "prompt": "a"}, {"id": 1, "prompt": "b"}])
-    with pytest.raises(DataError, match="row 2: duplicate id '1'"):
-        _load(path, id_column="id")
-
-
-def test_file_level_errors_name_the_file(tmp_path):
-    path = _jsonl(tmp_path / "p.jsonl", [{"text": "a"}])
-    with pytest.raises(DataError, match=r"p.jsonl: missing column 'prompt' \(found: text\)"):
-        _load(path)
-    empty = tmp_path / "empty.jsonl"
-    empty.write_text("")
-    with pytest.raises(DataError, match="empty"):
-        _load(str(empty))
-    broken = tmp_path / "broken.jsonl"
-    broken.write_text('{"prompt": "a"}\n{"prompt": \n')
-    with pytest.raises(DataError, match="broken.jsonl row 2: not valid JSON"):
-        _load(str(broken))
-    latin = tmp_path / "latin.jsonl"
-    latin.write_bytes(b'{"prompt": "a"}\n{"prompt": "caf\xe9"}\n')
-    with pytest.raises(DataError, match="latin.jsonl row 2: invalid UTF-8"):
-        _load(str(latin))
-    with pytest.raises(DataError, match="cannot read"):
-        _load(str(tmp_path / "missing.jsonl"))
-    with pytest.raises(DataError, match="unknown format"):
-        _load(str(tmp_path / "prompts.txt"))
-
-
 def test_all_rows_bad_is_an_error_even_in_quarantine_mode(tmp_path):
     path = _jsonl(tmp_path / "p.jsonl", [{"prompt": ""}, {"prompt": " "}])
     with pytest.raises(DataError, match="no valid rows left"):
