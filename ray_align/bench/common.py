@@ -76,6 +76,27 @@ def contender_main(contenders: dict[str, Callable[[dict], dict]]) -> None:
     report({"contender": name, **result, "peak_gb": round(memory["peak_gb"], 2)})
 
 
+def side_by_side(module: str, contenders: tuple[str, ...], spec: dict[str, Any], repeats: int,
+                 speed: str, targets: dict[str, float]) -> tuple[list[dict], dict, dict]:
+    """Run every contender ``repeats`` times, interleaved (drift hits all alike); return the
+    median row per contender with ray_align's ``speed`` over each, the raw runs, and the
+    targets (ray_align's speed over a baseline's, at least) with whether they are met."""
+    runs: dict[str, list[dict]] = {name: [] for name in contenders}
+    for _ in range(repeats):
+        for name in contenders:
+            runs[name].append(run_contender(module, name, spec))
+    rows = [median_runs(r) for r in runs.values()]
+    mine = next((r for r in rows if r["contender"] == "ray_align"), None)
+    verdicts = {}
+    for row in rows if mine else []:
+        row["ray_align_x"] = mine[speed] / row[speed]
+        if row["contender"] in targets:
+            goal = targets[row["contender"]]
+            verdicts[row["contender"]] = {"target": goal, "measured": row["ray_align_x"],
+                                          "met": row["ray_align_x"] >= goal}
+    return rows, runs, verdicts
+
+
 def median_runs(runs: list[dict[str, Any]]) -> dict[str, Any]:
     """Per-key median of repeated runs of one contender (numbers only)."""
     out = dict(runs[0])

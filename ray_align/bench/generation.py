@@ -15,7 +15,7 @@ import tempfile
 import time
 from typing import Any
 
-from ray_align.bench.common import contender_main, median_runs, print_table, run_contender
+from ray_align.bench.common import contender_main, print_table, side_by_side
 
 CONTENDERS = ("ray_align", "vllm", "transformers")
 TARGETS = {"vllm": 0.95, "transformers": 1.2}  # ray_align's steady tok/s over each, at least
@@ -142,22 +142,12 @@ def bench(config, requests: int = 128, max_tokens: int = 64, repeats: int = 1,
           contenders: tuple[str, ...] = CONTENDERS, hf_batch_size: int = 32) -> dict[str, Any]:
     """Run every contender ``repeats`` times, interleaved; medians, ratios and the table."""
     spec = bench_spec(config, requests, max_tokens, hf_batch_size)
-    runs: dict[str, list[dict]] = {name: [] for name in contenders}
-    for _ in range(repeats):
-        for name in contenders:
-            runs[name].append(run_contender(__name__, name, spec))
-    rows = [median_runs(r) for r in runs.values()]
-    mine = next((r for r in rows if r["contender"] == "ray_align"), None)
-    for row in rows:
-        if mine:
-            row["ray_align_x"] = mine["steady_tok_s"] / row["steady_tok_s"]
+    rows, runs, targets = side_by_side(__name__, contenders, spec, repeats, "steady_tok_s", TARGETS)
     table = print_table(
         f"generation: {len(spec['messages'])} requests x {max_tokens} tokens, {config.model.path}",
         rows, [("contender", "contender"), ("start_s", "start s"), ("generate_s", "generate s"),
                ("tokens", "tokens"), ("steady_tok_s", "steady tok/s"), ("e2e_tok_s", "e2e tok/s"),
                ("peak_gb", "peak GB"), ("ray_align_x", "ray_align x")])
-    targets = {name: {"target": goal, "measured": r["ray_align_x"], "met": r["ray_align_x"] >= goal}
-               for name, goal in TARGETS.items() for r in rows if r["contender"] == name and mine}
     return {"benchmark": "generation", "requests": len(spec["messages"]), "max_tokens": max_tokens,
             "results": rows, "runs": runs, "targets": targets, "table": table}
 

@@ -13,7 +13,7 @@ import tempfile
 import time
 from typing import Any
 
-from ray_align.bench.common import contender_main, median_runs, print_table, run_contender
+from ray_align.bench.common import contender_main, print_table, side_by_side
 
 CONTENDERS = ("ray_align", "deepspeed", "torch")
 TARGETS = {"deepspeed": 0.95}  # ray_align's loop tok/s over the same loop without Ray, at least
@@ -160,15 +160,7 @@ def bench(config, rows: int = 128, repeats: int = 1,
     cfg.train.epochs, cfg.train.max_steps, cfg.train.checkpoint_every_steps = 1, None, None
     spec = {"config": cfg.model_dump(mode="json"), "rows": data, "pad_id": pad_id,
             "num_cpus": config.ray.num_cpus or os.cpu_count()}
-    runs: dict[str, list[dict]] = {name: [] for name in contenders}
-    for _ in range(repeats):
-        for name in contenders:
-            runs[name].append(run_contender(__name__, name, spec))
-    results = [median_runs(r) for r in runs.values()]
-    mine = next((r for r in results if r["contender"] == "ray_align"), None)
-    for row in results:
-        if mine:
-            row["ray_align_x"] = mine["loop_tok_s"] / row["loop_tok_s"]
+    results, runs, targets = side_by_side(__name__, contenders, spec, repeats, "loop_tok_s", TARGETS)
     t = config.train
     table = print_table(
         f"training: {rows} rows, ZeRO-{t.zero_stage} x {t.num_workers} workers, micro-batch "
@@ -176,8 +168,6 @@ def bench(config, rows: int = 128, repeats: int = 1,
         results, [("contender", "contender"), ("start_s", "start s"), ("loop_s", "loop s"),
                   ("tokens", "tokens"), ("loop_tok_s", "loop tok/s"), ("peak_gb", "peak GB"),
                   ("ray_align_x", "ray_align x")])
-    targets = {name: {"target": goal, "measured": r["ray_align_x"], "met": r["ray_align_x"] >= goal}
-               for name, goal in TARGETS.items() for r in results if r["contender"] == name and mine}
     return {"benchmark": "training", "rows": rows, "results": results, "runs": runs,
             "targets": targets, "table": table}
 

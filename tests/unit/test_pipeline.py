@@ -101,3 +101,38 @@ def test_finished_output_that_changed_or_vanished_is_never_reused(tmp_path):
     with pytest.raises(StageError, match=r"first/data.parquet is gone"):
         run_stage(_ctx(tmp_path), stage)
     assert len(calls) == 1
+
+
+FULL_DISK = """
+import resource, signal, sys
+import pyarrow as pa
+from ray_align.config import load_config
+from ray_align.pipeline import Context, Stage, StageOutput, run_stage
+from ray_align.storage import RunDir, StorageError
+
+def big(ctx):
+    ctx.run.write_table(pa.table({"text": [str(i) * 50 for i in range(200_000)]}), "first", "data.parquet")
+    return StageOutput(200_000, "data.parquet")
+
+run_dir, quickstart = sys.argv[1], sys.argv[2]
+ctx = Context(config=load_config(quickstart, [f"run_dir={run_dir}"]), run=RunDir(run_dir))
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writes past the limit fail with EFBIG, like ENOSPC
+resource.setrlimit(resource.RLIMIT_FSIZE, (256_000, 256_000))
+try:
+    run_stage(ctx, Stage("first", ("induce",), (), big))
+except StorageError as exc:
+    print("ERROR", exc)
+"""
+
+
+def test_a_full_disk_fails_the_stage_with_the_path_and_leaves_no_output(tmp_path):
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-c", FULL_DISK, str(tmp_path), str(QUICKSTART)],
+                            capture_output=True, text=True, timeout=120)
+    assert f"ERROR cannot write {tmp_path}/first/data.parquet" in result.stdout, result.stderr[-2000:]
+    assert "File too large" in result.stdout
+    record = manifest(RunDir(str(tmp_path)), "first")
+    assert record["status"] == "failed" and "data.parquet" in record["error"]
+    assert [p.name for p in (tmp_path / "first").iterdir()] == ["manifest.json"]  # no partial file
