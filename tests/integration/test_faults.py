@@ -58,7 +58,8 @@ def test_engine_actor_and_training_worker_killed_mid_stage(tiny_model, tmp_path)
     config = tiny_config(tmp_path, tiny_model, harmful=rows, **{
         "engine.batch_size": 2, "engine.shard_rows": 2, "engine.max_concurrent_batches": 1,
         "induce.max_tokens": 64, "train.max_failures": 2, "train.checkpoint_every_steps": 2,
-        "train.micro_batch_size": 1, "build.val_fraction": 0.1})
+        "train.micro_batch_size": 1, "build.val_fraction": 0.1,
+        "train.lora": None})  # full fine-tuning here; the other integration tests train LoRA
     run = tmp_path / "run"
     driver = subprocess.Popen(
         [sys.executable, "-m", "ray_align.cli", "run", str(config), "--until", "train"],
