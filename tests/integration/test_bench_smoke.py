@@ -17,11 +17,11 @@ from tests.conftest import REPO, ray_align_env, tiny_config
 pytestmark = pytest.mark.integration
 
 
-def bench(tmp_path, tiny_model, *args: str) -> dict:
+def bench(tmp_path, tiny_model, name: str, *options: str) -> dict:
     config = tiny_config(tmp_path, tiny_model)
     out = tmp_path / "bench.json"
-    result = subprocess.run([sys.executable, "-m", "ray_align.cli", "bench", *args, str(config),
-                             "--out", str(out)], cwd=REPO, env=ray_align_env(), capture_output=True,
+    result = subprocess.run([sys.executable, "-m", "ray_align.cli", "bench", name, str(config),
+                             *options, "--out", str(out)], cwd=REPO, env=ray_align_env(), capture_output=True,
                             text=True, timeout=900, start_new_session=True)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     print(result.stdout)

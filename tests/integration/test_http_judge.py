@@ -25,7 +25,8 @@ CASES = ["ok", "ok", "ok", "ok", "ok", "ok", "flaky500", "flaky500", "flaky429",
 def local_ray():
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    # a new local cluster, never one a `ray start` left behind on this machine
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()
 

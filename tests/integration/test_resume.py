@@ -70,9 +70,10 @@ def test_interrupted_induce_resumes_without_loss_or_duplicates(tiny_model, tmp_p
     cmd = [sys.executable, "-m", "ray_align.cli", "run", str(config), "--until", "train"]
     third = subprocess.Popen(cmd, cwd=REPO, env=ray_align_env(), start_new_session=True,
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    checkpoints = tmp_path / "run" / "train" / "ray_train"
+    # Ray Train records a checkpoint in this snapshot once it is fully written
+    registered = tmp_path / "run" / "train" / "ray_train" / "checkpoint_manager_snapshot.json"
     deadline = time.time() + 900
-    while time.time() < deadline and third.poll() is None and not list(checkpoints.glob("checkpoint_*")):
+    while time.time() < deadline and third.poll() is None and not registered.exists():
         time.sleep(0.5)
     assert third.poll() is None, "the run ended before training could be interrupted"
     kill_group(third)
