@@ -96,14 +96,14 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("validation")
 
-    started, tokens = time.perf_counter(), 0
+    started, tokens, train_s = time.perf_counter(), 0, 0.0  # train_s: training loops only
     micro_done = progress["epoch"] * batches_per_epoch + progress["batches_done"]
     for epoch in range(progress["epoch"], train.epochs):
         skip = progress["batches_done"] if epoch == progress["epoch"] else 0
         window = shard.iter_batches(batch_size=train.micro_batch_size * LENGTH_GROUP_WINDOW,
                                     batch_format="numpy", drop_last=False)
         batches = micro_batches(window, pad_id, train.micro_batch_size, seed=train.seed + epoch)
-        loss = float("nan")
+        loss, epoch_started = float("nan"), time.perf_counter()
         for index, batch in enumerate(batches):
             if index < skip:
                 continue  # consumed before the restart; its gradient is already in the weights
@@ -122,16 +122,16 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 bar.update.remote({
                     "global_step": engine.global_steps, "loss": loss,
                     "tok_s": tokens * world / seconds if seconds else 0.0})
+        train_s += time.perf_counter() - epoch_started
         val_batches = micro_batches(
             val_shard.iter_batches(batch_size=train.micro_batch_size, batch_format="numpy"), pad_id)
         val_loss, _ = eval_loss(engine, val_batches, engine.device)
-        seconds = time.perf_counter() - started
         state = {"epoch": epoch + 1, "batches_done": 0, "global_step": engine.global_steps,
                  "tokens": progress["tokens"] + tokens}
         everyone = _sum_over_ranks(tokens)
         _save(engine, state, {
             "loss": loss, "val_loss": val_loss, "epoch": epoch + 1, "global_step": engine.global_steps,
-            "tokens_per_s": everyone / seconds if seconds else 0.0, "train_seconds": seconds,
+            "tokens_per_s": everyone / train_s if train_s else 0.0, "train_seconds": train_s,
             "tokens": everyone, "resumed_from_step": resumed_from,
         })
         if max_micro is not None and micro_done >= max_micro:
