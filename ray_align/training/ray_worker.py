@@ -30,10 +30,9 @@ PROGRESS_FILE = "progress.json"
 LENGTH_GROUP_WINDOW = 16  # micro-batches sorted together by length (less padding)
 
 
-def _restore(engine) -> dict[str, int]:
-    import ray.train
-
-    checkpoint = ray.train.get_checkpoint()
+def restore(engine, checkpoint) -> dict[str, int]:
+    """Load the DeepSpeed state and data position of a Ray Train checkpoint (None: a fresh
+    start). A checkpoint with any part unreadable is an error naming it, never half-used."""
     if checkpoint is None:
         return {"epoch": 0, "batches_done": 0, "global_step": 0, "tokens": 0}
     with checkpoint.as_directory() as folder:
@@ -86,7 +85,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     model = load_model(model_cfg.path, dtype=dtype, trust_remote_code=model_cfg.trust_remote_code,
                        lora=train.lora, gradient_checkpointing=train.gradient_checkpointing)
     engine = deepspeed_engine(model, train, world)
-    progress = _restore(engine)
+    progress = restore(engine, ray.train.get_checkpoint())
     resumed_from = progress["global_step"]  # 0 unless this attempt continues a checkpoint
     rows_per_rank = loop_config["train_rows"] // world
     batches_per_epoch = math.ceil(rows_per_rank / train.micro_batch_size)
