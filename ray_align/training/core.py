@@ -127,6 +127,14 @@ def deepspeed_engine(model, train: TrainConfig, world_size: int):
     return engine
 
 
+def full_state_dict(engine, zero_stage: int, rank: int) -> dict[str, torch.Tensor] | None:
+    """The whole trained module's weights on rank 0 (None elsewhere). Under ZeRO-3 each rank
+    holds a shard, so every rank must call this: the shards are gathered collectively."""
+    if zero_stage == 3:
+        return engine._zero3_consolidated_16bit_state_dict()
+    return engine.module.state_dict() if rank == 0 else None
+
+
 def train_step(engine, batch: dict[str, torch.Tensor]) -> tuple[float, int]:
     """One micro-batch through a DeepSpeed engine: forward, backward, step (it accumulates).
 

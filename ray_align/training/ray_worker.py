@@ -21,6 +21,7 @@ from ray_align.training.core import (
     deepspeed_engine,
     eval_loss,
     export_model,
+    full_state_dict,
     load_model,
     micro_batches,
     train_step,
@@ -148,10 +149,7 @@ def _sum_over_ranks(value: int) -> int:
 def _export(engine, model_cfg: ModelConfig, train: TrainConfig, tokenizer, run_dir: str,
             rank: int) -> None:
     """Gather the trained weights (all ranks take part under ZeRO-3) and write the HF model."""
-    if train.zero_stage == 3:
-        state = engine._zero3_consolidated_16bit_state_dict()
-    else:
-        state = engine.module.state_dict() if rank == 0 else None
+    state = full_state_dict(engine, train.zero_stage, rank)
     if rank != 0:
         return
     with tempfile.TemporaryDirectory() as folder:
