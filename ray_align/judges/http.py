@@ -34,14 +34,12 @@ from typing import Any
 import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from ray_align.generate import LIGHT_CPU, REQUEST_SCHEMA, make_requests
 from ray_align.judges.verdicts import TASKS, JudgeTask, parse_verdict
 
 RETRYABLE_STATUS = frozenset({408, 429, 500, 502, 503, 504})
 MAX_WAIT_S = 60.0  # longest pause between two attempts, whatever the backoff or Retry-After says
 ERROR_EXCERPT = 300  # characters of an error body kept in the result
-LIGHT_CPU = 0.1  # the HTTP actors and the row mapping wait on the network, not on a CPU
-
-REQUEST_SCHEMA = pa.schema([("key", pa.string()), ("messages", pa.string())])
 VERDICT_SCHEMA = pa.schema([
     ("key", pa.string()),
     ("raw_text", pa.string()),
@@ -330,9 +328,5 @@ def judge_http(requests: pa.Table, config: HttpJudgeConfig, task: JudgeTask) -> 
     return pa.Table.from_pylist(rows, schema=VERDICT_SCHEMA)
 
 
-def make_judge_requests(keys: list[str], messages: list[list[dict[str, str]]]) -> pa.Table:
-    """The request table ``judge_http`` takes: a unique key and the chat messages (JSON) per row."""
-    return pa.Table.from_pydict(
-        {"key": keys, "messages": [json.dumps(m, ensure_ascii=False) for m in messages]},
-        schema=REQUEST_SCHEMA,
-    )
+# The judge takes the same request table as the engines: a unique key and chat messages (JSON).
+make_judge_requests = make_requests
