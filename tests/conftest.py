@@ -78,3 +78,20 @@ def ray_align_env() -> dict[str, str]:
     env = dict(os.environ)
     env.setdefault("RAY_ALIGN_ASSETS", str(asset_home()))
     return env
+
+
+def processes_of(session: int, title: str = "") -> list[int]:
+    """PIDs in a process session we started whose command line contains ``title`` (all: "")."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if os.getsid(int(entry.name)) != session:
+                continue
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except (ProcessLookupError, FileNotFoundError, PermissionError):
+            continue
+        if title in cmdline:
+            found.append(int(entry.name))
+    return found

@@ -19,12 +19,11 @@ import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
 
-from tests.conftest import REPO, ray_align_env, tiny_config
+from tests.conftest import REPO, processes_of, ray_align_env, tiny_config
 from tests.integration.test_two_node_job import RAY, free_port, wait_for
 
 pytestmark = pytest.mark.integration
@@ -70,18 +69,8 @@ def cluster_config(gcs_address: str) -> dict:
 
 def end_session(leader: subprocess.Popen) -> None:
     """SIGKILL every process of the session the head was started in (fake nodes included)."""
-    def members() -> list[int]:
-        pids = []
-        for entry in Path("/proc").iterdir():
-            try:
-                if entry.name.isdigit() and os.getsid(int(entry.name)) == leader.pid:
-                    pids.append(int(entry.name))
-            except (ProcessLookupError, PermissionError):
-                continue
-        return pids
-
     deadline = time.time() + 30
-    while (pids := members()) and time.time() < deadline:
+    while (pids := processes_of(leader.pid)) and time.time() < deadline:
         for pid in pids:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)

@@ -10,14 +10,13 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
 
 from ray_align.config import load_config
 from ray_align.stages.train import total_steps
-from tests.conftest import REPO, ray_align_env, tiny_config
+from tests.conftest import REPO, processes_of, ray_align_env, tiny_config
 from tests.integration.test_resume import kill_group
 
 pytestmark = pytest.mark.integration
@@ -31,23 +30,6 @@ def run_cli(*args: str, timeout: int = 900) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "ray_align.cli", *args], cwd=REPO,
                           env={**ray_align_env(), **PLANTED}, capture_output=True, text=True,
                           timeout=timeout, start_new_session=True)
-
-
-def processes_of(session: int, title: str) -> list[int]:
-    """PIDs in our driver's process session whose command line contains ``title``."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            if os.getsid(int(entry.name)) != session:
-                continue
-            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except (ProcessLookupError, FileNotFoundError, PermissionError):
-            continue
-        if title in cmdline:
-            found.append(int(entry.name))
-    return found
 
 
 def wait_until(predicate, driver: subprocess.Popen, timeout: float, what: str):
