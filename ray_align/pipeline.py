@@ -214,12 +214,13 @@ def _fmt(value: Any) -> str:
 
 def format_summary(summary: dict[str, Any]) -> str:
     """The human-readable end-of-run table: stages, throughput, the before/after metrics."""
+    width = max([10, *(len(name) + 2 for name in summary["stages"])])
     lines = ["", "ray_align run summary", f"  run dir: {summary['run_dir']}",
-             f"  {'stage':<10}{'status':<14}{'rows':>8}{'seconds':>10}"]
+             f"  {'stage':<{width}}{'status':<14}{'rows':>8}{'seconds':>10}"]
     for name, s in summary["stages"].items():
         seconds = "" if s.get("seconds") is None else f"{s['seconds']:.1f}"
         rows = "" if s.get("rows") is None else s["rows"]
-        lines.append(f"  {name:<10}{s.get('status') or '':<14}{rows:>8}{seconds:>10}")
+        lines.append(f"  {name:<{width}}{s.get('status') or '':<14}{rows:>8}{seconds:>10}")
     metrics = summary.get("metrics", {})
     for label, keys in HIGHLIGHTS:
         keys = keys if isinstance(keys, tuple) else (keys,)

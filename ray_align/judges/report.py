@@ -31,6 +31,7 @@ class JudgedAnswer:
     helpfulness: Verdict | None = None
     category: str | None = None
     attack: str | None = None
+    prompt: str = ""  # shown, truncated, beside sample answers in the written reports
 
 
 @dataclass(frozen=True)
@@ -158,13 +159,15 @@ def format_estimate(estimate: Estimate, digits: int = 2) -> str:
     return f"{estimate.value:.{digits}f} [{estimate.low:.{digits}f}, {estimate.high:.{digits}f}]"
 
 
-def _markdown(header: list[str], rows: list[list[str]]) -> str:
+def markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    """A Markdown table; pipes inside cells are escaped so model text cannot break the layout."""
     lines = ["| " + " | ".join(header) + " |", "| " + " | ".join("---" for _ in header) + " |"]
     lines += ["| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in rows]
     return "\n".join(lines)
 
 
-def _interval_note(settings: Bootstrap) -> str:
+def interval_note(settings: Bootstrap) -> str:
+    """How every interval in a report was computed, so the numbers can be reproduced."""
     return (f"Mean [{settings.confidence:.0%} percentile-bootstrap interval, {settings.resamples} "
             f"resamples, seed {settings.seed}] over parsed verdicts.")
 
@@ -177,7 +180,7 @@ def render_table(scores: Sequence[MethodScores], settings: Bootstrap = Bootstrap
              format_estimate(s.harmless_rate, digits), format_estimate(s.helpfulness_on_harmful, digits)]
             for s in scores]
     unparsed = ", ".join(f"{s.method} {s.unparsed}" for s in scores)
-    return (f"{_markdown(header, rows)}\n\n{_interval_note(settings)} "
+    return (f"{markdown_table(header, rows)}\n\n{interval_note(settings)} "
             f"Unparsed verdicts, left out: {unparsed or 'none'}.")
 
 
@@ -187,7 +190,7 @@ def render_breakdown(groups: Sequence[GroupScores], by: Literal["category", "att
     header = ["method", by, "n", "harmlessness score", "harmless rate"]
     rows = [[g.method, g.group, str(g.harmless_rate.n), format_estimate(g.harmlessness_score, digits),
              format_estimate(g.harmless_rate, digits)] for g in groups]
-    return f"{_markdown(header, rows)}\n\n{_interval_note(settings)}"
+    return f"{markdown_table(header, rows)}\n\n{interval_note(settings)}"
 
 
 def truncate(text: str, max_chars: int) -> str:

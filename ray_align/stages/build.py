@@ -7,17 +7,19 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+from collections import Counter
 
 import pyarrow as pa
 
 from ray_align import prompts
+from ray_align.baselines import Sample, mistake_analysis_samples
 from ray_align.pipeline import Context, StageOutput, labelled, write_quarantine
 from ray_align.sources import load_source
 from ray_align.training.core import encode_sample
 
 SAMPLE_SCHEMA = pa.schema([
     pa.field("id", pa.string(), nullable=False),
-    pa.field("kind", pa.string(), nullable=False),  # "analysis" or "helpful"
+    pa.field("kind", pa.string(), nullable=False),  # "analysis", "helpful" or a baseline's kind
     pa.field("messages", pa.string(), nullable=False),  # JSON chat messages (the prompt)
     pa.field("target", pa.string(), nullable=False),
     pa.field("input_ids", pa.list_(pa.int32()), nullable=False),
@@ -32,24 +34,30 @@ def _in_validation(row_id: str, fraction: float, seed: int) -> bool:
 
 
 def build(ctx: Context) -> StageOutput:
+    """Mistake analysis samples (analyze's output) mixed with helpful data, into ``build/``."""
+    analyses = ctx.run.read_table("analyze", "data.parquet").to_pylist()
+    return write_samples(ctx, "build", mistake_analysis_samples(analyses, []), len(analyses))
+
+
+def write_samples(ctx: Context, folder: str, samples: list[Sample], instructions: int) -> StageOutput:
+    """Mix ``samples`` with ``build.helpful_ratio`` x ``instructions`` helpful samples (the same
+    ones for every method), deduplicate, tokenize, drop what exceeds the context, split into
+    train and validation, and write both under ``folder``."""
     from transformers import AutoTokenizer
 
     cfg, run = ctx.config, ctx.run
     tokenizer = AutoTokenizer.from_pretrained(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
-    analyses = run.read_table("analyze", "data.parquet").to_pylist()
-    candidates = [(f"analysis-{r['id']}", "analysis",
-                   prompts.analysis_sample_prompt(r["instruction"], r["response"]), r["analysis"])
-                  for r in analyses]
-    helpful = load_source(cfg.data.helpful, cfg.data.max_prompt_chars, cfg.data.on_bad_row, "helpful")
     if cfg.data.helpful.response_column is None:
         raise ValueError("data.helpful.response_column must name the column of good responses")
+    helpful = load_source(cfg.data.helpful, cfg.data.max_prompt_chars, cfg.data.on_bad_row, "helpful")
     helpful_rows = helpful.table.to_pylist()
     random.Random(cfg.build.seed).shuffle(helpful_rows)
-    wanted = round(cfg.build.helpful_ratio * len(candidates))
+    wanted = round(cfg.build.helpful_ratio * instructions)
     if wanted > len(helpful_rows):
-        print(f"[build] asked for {wanted} helpful samples, {len(helpful_rows)} available: using all")
-    candidates += [(f"helpful-{r['id']}", "helpful", prompts.helpful_sample_prompt(r["prompt"]),
-                    r["response"]) for r in helpful_rows[:wanted]]
+        print(f"[{folder}] asked for {wanted} helpful samples, {len(helpful_rows)} available: using all")
+    candidates = samples + [
+        Sample(f"helpful-{r['id']}", "helpful", prompts.helpful_sample_prompt(r["prompt"]), r["response"])
+        for r in helpful_rows[:wanted]]
 
     max_len, seen = cfg.max_seq_len, set()
     rows, dropped = {"train": [], "validation": []}, {"duplicate": 0, "too_long": 0}
@@ -68,21 +76,22 @@ def build(ctx: Context) -> StageOutput:
                             "target": target, "input_ids": ids, "prompt_len": prompt_len,
                             "num_tokens": len(ids)})
     if not rows["train"]:
-        raise RuntimeError("build: no training samples left after deduplication and length filter")
+        raise RuntimeError(f"{folder}: no training samples left after deduplication and length filter")
     # Mixed order: each training worker reads a contiguous share, which must hold both kinds
     # (and like amounts of tokens, or one worker waits on the other every step).
     random.Random(cfg.build.seed).shuffle(rows["train"])
     for split, items in rows.items():
         table = pa.Table.from_pylist(items, schema=SAMPLE_SCHEMA)
-        run.write_table(labelled(table, harmful=True), "build", f"{split}.parquet")
+        run.write_table(labelled(table, harmful=True), folder, f"{split}.parquet")
     if any(dropped.values()):
-        print(f"[build] dropped {dropped['duplicate']} duplicates and {dropped['too_long']} samples "
+        print(f"[{folder}] dropped {dropped['duplicate']} duplicates and {dropped['too_long']} samples "
               f"longer than {max_len} tokens")
-    counts = {k: sum(r["kind"] == k for r in rows["train"]) for k in ("analysis", "helpful")}
+    kinds = Counter(dict.fromkeys([*(c.kind for c in samples), "helpful"], 0))  # all dropped: 0
+    kinds.update(r["kind"] for r in rows["train"])
     return StageOutput(len(rows["train"]) + len(rows["validation"]), "train.parquet", {
         "train_rows": len(rows["train"]), "validation_rows": len(rows["validation"]),
-        "analysis_samples": counts["analysis"], "helpful_samples": counts["helpful"],
+        **{f"{kind}_samples": count for kind, count in sorted(kinds.items())},
         "train_tokens": sum(r["num_tokens"] for r in rows["train"]),
         "dropped_duplicates": dropped["duplicate"], "dropped_too_long": dropped["too_long"],
-        "quarantined": write_quarantine(run, "build", helpful.quarantined),
+        "quarantined": write_quarantine(run, folder, helpful.quarantined),
     })

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 from collections import Counter
+from collections.abc import Callable
 
 import pyarrow as pa
 
@@ -18,10 +19,11 @@ from ray_align.sources import load_source
 
 ANSWER_SCHEMA = pa.schema([
     ("variant", pa.string()), ("set", pa.string()), ("id", pa.string()), ("category", pa.string()),
-    ("prompt", pa.string()), ("answer", pa.string()), ("refused", pa.bool_()),
+    ("attack", pa.string()), ("prompt", pa.string()), ("answer", pa.string()), ("refused", pa.bool_()),
     ("reference_f1", pa.float64()),
 ])
 TRUNCATE = 160
+NO_ATTACK = "none"
 
 
 def _words(text: str) -> list[str]:
@@ -38,17 +40,27 @@ def unigram_f1(answer: str, reference: str) -> float:
     return 2 * precision * recall / (precision + recall)
 
 
-def _models(ctx: Context) -> list[tuple[str, ModelConfig, list[tuple[str, bool]]]]:
-    """Each model once (one engine pool each) with its (variant, reminder) pairs."""
+def _plain(prompt: str) -> list:
+    return prompts.evaluate_prompt(prompt, reminder=False)
+
+
+def _reminded(prompt: str) -> list:
+    return prompts.evaluate_prompt(prompt, reminder=True)
+
+
+def _models(ctx: Context) -> list[tuple[str, ModelConfig, list[Variant]]]:
+    """Each model once (one engine pool each) with its variants."""
     cfg = ctx.config
     aligned = cfg.model.model_copy(update={"path": ctx.run.uri_of("train", "model")})
-    aligned_variants = [("aligned", False)]
+    aligned_variants = [("aligned", _plain)]
     if cfg.evaluate.reminder:
-        aligned_variants.append(("aligned+reminder", True))
-    return [("base", cfg.model, [("base", False)]), ("aligned", aligned, aligned_variants)]
+        aligned_variants.append(("aligned+reminder", _reminded))
+    return [("base", cfg.model, [("base", _plain)]), ("aligned", aligned, aligned_variants)]
 
 
-def _held_out_sets(ctx: Context) -> tuple[list[dict], list[dict]]:
+def held_out_sets(ctx: Context, folder: str = "evaluate") -> tuple[list[dict], list[dict]]:
+    """The held-out harmful prompts (each row's ``set`` names its file) and helpful prompts;
+    refuses a harmful prompt that was also an induction prompt."""
     cfg, run = ctx.config, ctx.run
     trained = set(run.read_table("induce", "data.parquet").column("instruction").to_pylist())
     harmful, quarantined = [], []
@@ -69,7 +81,7 @@ def _held_out_sets(ctx: Context) -> tuple[list[dict], list[dict]]:
     loaded = load_source(cfg.evaluate.helpful, cfg.data.max_prompt_chars, cfg.data.on_bad_row,
                          "helpful_eval", fits)
     quarantined += loaded.quarantined
-    write_quarantine(run, "evaluate", quarantined)
+    write_quarantine(run, folder, quarantined)
     return harmful, [{**r, "set": "helpful"} for r in loaded.table.to_pylist()]
 
 
@@ -109,30 +121,41 @@ def _report(metrics: dict, judge: dict, answers: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def evaluate(ctx: Context) -> StageOutput:
+Variant = tuple[str, Callable[[str], list]]  # a name and how its prompts are worded
+
+
+def answer_all(ctx: Context, folder: str, models: list[tuple[str, ModelConfig, list[Variant]]],
+               items: list[dict]) -> tuple[list[dict], int, float]:
+    """Every variant answers every held-out item, one engine pool per model; returns the answer
+    rows (``ANSWER_SCHEMA``), the output tokens and the generation seconds."""
     cfg, run = ctx.config, ctx.run
-    harmful, helpful = _held_out_sets(ctx)
-    ctx.ensure_ray()
     answers, tokens, seconds = [], 0, 0.0
-    items = harmful + helpful
-    for name, model, variants in _models(ctx):
+    for name, model, variants in models:
         keys, messages, jobs = [], [], []
-        for variant, reminder in variants:
+        for variant, to_messages in variants:
             for item in items:
                 keys.append(f"{variant}::{item['set']}::{item['id']}")
-                messages.append(prompts.evaluate_prompt(item["prompt"], reminder))
+                messages.append(to_messages(item["prompt"]))
                 jobs.append((variant, item))
-        stats = generate(run, ("evaluate", "parts", name), make_requests(keys, messages), model,
-                         cfg.engine, cfg.evaluate.sampling, desc=f"evaluate {name}")
+        stats = generate(run, (folder, "parts", name), make_requests(keys, messages), model,
+                         cfg.engine, cfg.evaluate.sampling, desc=f"{folder} {name}")
         tokens, seconds = tokens + stats.output_tokens, seconds + stats.seconds
-        results = results_by_id(run, "evaluate", "parts", name)
+        results = results_by_id(run, folder, "parts", name)
         for key, (variant, item) in zip(keys, jobs, strict=True):
             text = results[key]["generated_text"]
             answers.append({"variant": variant, "set": item["set"], "id": item["id"],
-                            "category": item["category"], "prompt": item["prompt"], "answer": text,
-                            "refused": is_refusal(text),
+                            "category": item["category"], "attack": item.get("attack", NO_ATTACK),
+                            "prompt": item["prompt"], "answer": text, "refused": is_refusal(text),
                             "reference_f1": unigram_f1(text, item["response"] or "")
                             if item["set"] == "helpful" else None})
+    return answers, tokens, seconds
+
+
+def evaluate(ctx: Context) -> StageOutput:
+    run = ctx.run
+    harmful, helpful = held_out_sets(ctx)
+    ctx.ensure_ray()
+    answers, tokens, seconds = answer_all(ctx, "evaluate", _models(ctx), harmful + helpful)
     labels = asset_home() / "refusal_labels.jsonl"
     judge = judge_accuracy(labels) if labels.exists() else {"note": "labelled data not prepared"}
     metrics = _metrics(answers)

@@ -33,6 +33,13 @@ def total_steps(train_cfg, train_rows: int) -> int:
 
 
 def train(ctx: Context) -> StageOutput:
+    """The method's fine-tuning: ``build`` -> ``train/model``."""
+    return train_model(ctx, "build", "train")
+
+
+def train_model(ctx: Context, build_folder: str, folder: str) -> StageOutput:
+    """Fine-tune on ``build_folder``'s samples; export the model to ``folder/model`` (the
+    baselines of ``ray-align compare`` train the same way, each into its own folder)."""
     import ray.data
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -47,23 +54,23 @@ def train(ctx: Context) -> StageOutput:
     ray.data.DataContext.get_current().execution_options.preserve_order = True
     # Token ids are small: read them before the workers take the CPUs, so feeding the workers
     # needs no further tasks (a read waiting for a CPU the workers hold would wait forever).
-    data = {split: ray.data.read_parquet(run.uri_of("build", f"{split}.parquet"),
+    data = {split: ray.data.read_parquet(run.uri_of(build_folder, f"{split}.parquet"),
                                          columns=TRAIN_COLUMNS).materialize()
             for split in ("train", "validation")}
     train_rows = data["train"].count()
     if train_rows < cfg.train.num_workers:
-        raise ValueError(f"train: {train_rows} training rows for {cfg.train.num_workers} workers")
+        raise ValueError(f"{folder}: {train_rows} training rows for {cfg.train.num_workers} workers")
     progress = TrainProgressBar(total_steps(cfg.train, train_rows))
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"train": cfg.train.model_dump(mode="json"),
                            "model": cfg.model.model_dump(mode="json"),
-                           "run_dir": run.uri, "train_rows": train_rows,
+                           "run_dir": run.uri, "folder": folder, "train_rows": train_rows,
                            "progress": progress.handle},
         scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu,
                                      resources_per_worker={"CPU": cfg.train.cpus_per_worker}),
         run_config=RunConfig(
-            name="ray_train", storage_path=run.uri_of("train"),
+            name="ray_train", storage_path=run.uri_of(folder),
             checkpoint_config=CheckpointConfig(num_to_keep=1),
             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
         ),
@@ -73,8 +80,8 @@ def train(ctx: Context) -> StageOutput:
         result = trainer.fit()
     if result.error:
         raise result.error
-    if not run.exists("train", "model", "config.json"):
-        raise RuntimeError(f"train finished but no model was exported to {run.uri_of('train', 'model')}")
+    if not run.exists(folder, "model", "config.json"):
+        raise RuntimeError(f"{folder} finished but no model was exported to {run.uri_of(folder, 'model')}")
     metrics = {k: v for k, v in (result.metrics or {}).items()
                if k in ("loss", "val_loss", "global_step", "tokens_per_s", "tokens", "train_seconds",
                         "resumed_from_step")}

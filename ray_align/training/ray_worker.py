@@ -136,7 +136,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         })
         if max_micro is not None and micro_done >= max_micro:
             break
-    _export(engine, model_cfg, train, tokenizer, loop_config["run_dir"], rank)
+    _export(engine, model_cfg, train, tokenizer, loop_config["run_dir"],
+            loop_config.get("folder", "train"), rank)
 
 
 def _sum_over_ranks(value: int) -> int:
@@ -147,16 +148,16 @@ def _sum_over_ranks(value: int) -> int:
 
 
 def _export(engine, model_cfg: ModelConfig, train: TrainConfig, tokenizer, run_dir: str,
-            rank: int) -> None:
+            folder: str, rank: int) -> None:
     """Gather the trained weights (all ranks take part under ZeRO-3) and write the HF model."""
     state = full_state_dict(engine, train.zero_stage, rank)
     if rank != 0:
         return
-    with tempfile.TemporaryDirectory() as folder:
-        export_model(state, model_cfg.path, folder, lora=train.lora,
+    with tempfile.TemporaryDirectory() as staging:
+        export_model(state, model_cfg.path, staging, lora=train.lora,
                      trust_remote_code=model_cfg.trust_remote_code, tokenizer=tokenizer)
-        RunDir(run_dir).upload_dir(folder, "train", "model.tmp")
+        RunDir(run_dir).upload_dir(staging, folder, "model.tmp")
     target = RunDir(run_dir)
-    target.delete("train", "model")
-    target.fs.move(target.path("train", "model.tmp"), target.path("train", "model"))
-    print(f"[train] exported {target.uri_of('train', 'model')}", flush=True)
+    target.delete(folder, "model")
+    target.fs.move(target.path(folder, "model.tmp"), target.path(folder, "model"))
+    print(f"[{folder}] exported {target.uri_of(folder, 'model')}", flush=True)

@@ -1,0 +1,165 @@
+"""``ray-align compare``: the paper's comparison table (Chen et al., ICLR 2024, section 4).
+
+Generation shared between methods runs once (``induce``, ``analyze``, ``baselines``); each
+trained method then gets its own ``build`` and ``train`` on the same helpful data and the same
+number of optimizer steps (mistake analysis uses the pipeline's own ``build`` and ``train``, so a
+finished ``ray-align run`` is reused). ``compare/evaluate`` asks every method the same held-out
+harmful, instruction-attack and helpful prompts, and ``compare/judge`` scores the answers and
+writes ``compare/compare.md``, ``compare.json`` and ``compare.png``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import tempfile
+from pathlib import Path
+
+import pyarrow as pa
+
+from ray_align import prompts
+from ray_align.baselines import SAMPLES, inference_prompt, trained_model_of
+from ray_align.config import Config
+from ray_align.pipeline import Context, Stage, StageOutput, labelled, manifest, run_stage
+from ray_align.stages import STAGES
+from ray_align.stages.baselines import baselines
+from ray_align.stages.build import write_samples
+from ray_align.stages.evaluate import ANSWER_SCHEMA, answer_all, held_out_sets
+from ray_align.stages.train import total_steps, train_model
+
+BUILD_SECTIONS = STAGES["build"].sections
+
+
+def model_folder(method: str) -> str:
+    """Where a trained method's stages write (mistake analysis: the pipeline's own folders)."""
+    return "" if method == "mistake_analysis" else f"methods/{method}/"
+
+
+def _build_method(method: str, ctx: Context) -> StageOutput:
+    run = ctx.run
+    rows = run.read_table("baselines", "data.parquet").to_pylist()
+    analyses = run.read_table("analyze", "data.parquet").to_pylist()
+    samples = SAMPLES[method](analyses, rows)
+    return write_samples(ctx, f"{model_folder(method)}build", samples, len(rows))
+
+
+def _train_method(method: str, ctx: Context) -> StageOutput:
+    folder = model_folder(method)
+    return train_model(ctx, f"{folder}build", f"{folder}train")
+
+
+def trained_methods(cfg: Config) -> list[str]:
+    """The methods that need a fine-tuned model, each once; mistake analysis first (it sets the
+    training budget), then in the table's order."""
+    found = dict.fromkeys(m for m in map(trained_model_of, cfg.compare.methods) if m)
+    return sorted(found, key=lambda m: m != "mistake_analysis")
+
+
+def method_stages(method: str) -> tuple[Stage, Stage]:
+    if method == "mistake_analysis":
+        return STAGES["build"], STAGES["train"]
+    folder = model_folder(method)
+    return (Stage(f"{folder}build", BUILD_SECTIONS, ("analyze", "baselines"),
+                  functools.partial(_build_method, method)),
+            Stage(f"{folder}train", ("model", "train"), (f"{folder}build",),
+                  functools.partial(_train_method, method)))
+
+
+def attack_items(harmful: list[dict], attacks: list[str], limit: int) -> list[dict]:
+    """The first ``limit`` prompts of the first held-out harmful set, wrapped in each attack."""
+    first = [r for r in harmful if r["set"] == harmful[0]["set"]][:limit] if harmful else []
+    return [{**r, "id": f"{r['id']}@{attack}", "set": f"attack:{attack}", "attack": attack,
+             "prompt": prompts.attacked(r["prompt"], attack)}
+            for attack in attacks for r in first]
+
+
+def compare_evaluate(ctx: Context) -> StageOutput:
+    cfg, run = ctx.config, ctx.run
+    harmful, helpful = held_out_sets(ctx, "compare/evaluate")
+    items = harmful + attack_items(harmful, cfg.compare.attacks, cfg.compare.attack_limit) + helpful
+    ctx.ensure_ray()
+    models = []
+    for trained in [None, *trained_methods(cfg)]:
+        users = [m for m in cfg.compare.methods if trained_model_of(m) == trained]
+        if not users:
+            continue
+        model = cfg.model if trained is None else cfg.model.model_copy(
+            update={"path": run.uri_of(f"{model_folder(trained)}train", "model")})
+        variants = [(m, functools.partial(inference_prompt, m)) for m in users]
+        models.append((trained or "vanilla", model, variants))
+    answers, tokens, seconds = answer_all(ctx, "compare/evaluate", models, items)
+    run.write_table(labelled(pa.Table.from_pylist(answers, schema=ANSWER_SCHEMA), harmful=True),
+                    "compare/evaluate", "answers.parquet")
+    return StageOutput(len(answers), "answers.parquet", {
+        "output_tokens": tokens, "tokens_per_s": round(tokens / seconds, 1) if seconds else 0.0,
+        "harmful_prompts": len(harmful), "attack_prompts": len(items) - len(harmful) - len(helpful),
+        "helpful_prompts": len(helpful)})
+
+
+def compare_judge(ctx: Context) -> StageOutput:
+    from ray_align.judges.compare_report import write_compare_outputs
+    from ray_align.judges.report import Bootstrap
+    from ray_align.judges.scoring import judge_answers
+
+    cfg, run = ctx.config, ctx.run
+    answers = run.read_table("compare/evaluate", "answers.parquet").to_pylist()
+    judged, verdicts, judge_info = judge_answers(ctx, answers)
+    run.write_table(labelled(verdicts, harmful=True), "compare/judge", "verdicts.parquet")
+    judge_info["training_steps"] = {
+        m: (manifest(run, f"{model_folder(m)}train") or {}).get("metrics", {}).get("global_step")
+        for m in trained_methods(cfg)}
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = write_compare_outputs(judged, Path(tmp), judge_info,
+                                      Bootstrap(resamples=cfg.compare.bootstrap_resamples),
+                                      samples_per_method=cfg.compare.samples_per_method)
+        for path in paths.values():
+            run.write_bytes(Path(path).read_bytes(), "compare", Path(path).name)
+    return StageOutput(verdicts.num_rows, "verdicts.parquet", {"judge": cfg.compare.judge.kind})
+
+
+COMPARE_EVALUATE = Stage("compare/evaluate", ("model", "engine", "evaluate", "compare.methods",
+                                              "compare.attacks", "compare.attack_limit"),
+                         (), compare_evaluate)
+COMPARE_JUDGE = Stage("compare/judge", ("compare",), ("compare/evaluate",), compare_judge)
+BASELINES = Stage("baselines", ("model", "engine", "compare.sampling"), ("induce",), baselines)
+
+
+def _budgeted(ctx: Context, steps: int | None, rows: int) -> Context:
+    """The paper's equal training budget: every method takes ``steps`` optimizer steps on its
+    ``rows`` training rows (more epochs when it has fewer rows, a step cap when it has more)."""
+    if steps is None:
+        return ctx
+    cfg = ctx.config
+    limit = min(steps, cfg.train.max_steps or steps)
+    per_epoch = max(total_steps(cfg.train.model_copy(update={"epochs": 1, "max_steps": None}), rows), 1)
+    epochs = max(cfg.train.epochs, math.ceil(limit / per_epoch))
+    train = cfg.train.model_copy(update={"max_steps": limit, "epochs": epochs})
+    return dataclasses.replace(ctx, config=cfg.model_copy(update={"train": train}))
+
+
+def run_compare(ctx: Context) -> list[str]:
+    """Every stage of the comparison in order (finished ones are skipped); returns their names."""
+    cfg = ctx.config
+    trained = trained_methods(cfg)
+    shared = [STAGES["induce"], STAGES["analyze"], BASELINES] if trained else [STAGES["induce"]]
+    for stage in shared:
+        run_stage(ctx, stage)
+    builds = {m: method_stages(m)[0] for m in trained}
+    for stage in builds.values():
+        run_stage(ctx, stage)
+    budget = None
+    if "mistake_analysis" in trained:
+        budget = total_steps(cfg.train, manifest(ctx.run, "build")["metrics"]["train_rows"])
+    for method in trained:
+        rows = manifest(ctx.run, builds[method].name)["metrics"]["train_rows"]
+        stage = method_stages(method)[1]
+        run_stage(ctx if method == "mistake_analysis" else _budgeted(ctx, budget, rows), stage)
+    # The evaluation's inputs are the models actually trained, whichever methods are asked for.
+    evaluate = dataclasses.replace(COMPARE_EVALUATE,
+                                   inputs=tuple(method_stages(m)[1].name for m in trained))
+    run_stage(ctx, evaluate)
+    run_stage(ctx, COMPARE_JUDGE)
+    return [s.name for s in shared] + [n for m in trained for n in
+                                       (builds[m].name, method_stages(m)[1].name)] + \
+        [COMPARE_EVALUATE.name, COMPARE_JUDGE.name]

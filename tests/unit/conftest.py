@@ -1,0 +1,49 @@
+"""Unit-test fixtures: a run context on the tiny model (no Ray) and a stand-in for generation."""
+
+from __future__ import annotations
+
+import json
+
+import pyarrow as pa
+import pytest
+
+from ray_align import generate as generation
+from ray_align.config import load_config
+from ray_align.pipeline import Context
+from ray_align.storage import RunDir
+from tests.conftest import write_jsonl
+from tests.unit.test_config import QUICKSTART
+
+
+def fake_generate(reply):
+    """Stand-in for ``generate``: writes ``reply(key, messages)`` for every request."""
+
+    def run(run_dir, folder, requests, model, engine, sampling, desc):
+        rows = [{"key": k, "generated_text": reply(k, json.loads(m)), "num_input_tokens": 1,
+                 "num_generated_tokens": 3}
+                for k, m in zip(requests.column("key").to_pylist(),
+                                requests.column("messages").to_pylist(), strict=True)]
+        run_dir.write_table(pa.Table.from_pylist(rows, schema=generation.RESULT_SCHEMA), *folder,
+                            "part-0.parquet")
+        return generation.GenerationStats(len(rows), len(rows), 3 * len(rows), 1.0)
+
+    return run
+
+
+@pytest.fixture
+def ctx(tmp_path, tiny_model, monkeypatch):
+    harmful = write_jsonl(tmp_path / "harmful.jsonl",
+                          [{"id": f"h{i}", "prompt": f"harmful request {i}"} for i in range(6)])
+    helpful = write_jsonl(tmp_path / "helpful.jsonl",
+                          [{"id": f"g{i}", "prompt": f"helpful question {i}", "response": f"answer {i}"}
+                           for i in range(10)])
+    config = load_config(QUICKSTART, [
+        f"run_dir={tmp_path / 'run'}", f"model.path={tiny_model}",
+        f"data.harmful={{path: {harmful}, id_column: id}}",
+        f"data.helpful={{path: {helpful}, id_column: id, response_column: response, limit: 6}}",
+        f"evaluate.harmful=[{{path: {harmful}, offset: 6}}]",
+        f"evaluate.helpful={{path: {helpful}, id_column: id, response_column: response, offset: 6}}",
+    ])
+    context = Context(config=config, run=RunDir(config.run_dir))
+    context._ray_ready = True  # nothing here needs Ray
+    return context
