@@ -10,9 +10,14 @@ Inside a Ray job, ``ray.init()`` joins the job's cluster; the arguments are thos
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the job's working dir
 
-from ray_align.cli import main  # noqa: E402
+def run(command: str) -> int:
+    """``ray-align COMMAND`` with this script's arguments, from the job's working dir."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from ray_align.cli import main
+
+    return main([command, *sys.argv[1:]])
+
 
 if __name__ == "__main__":
-    sys.exit(main(["run", *sys.argv[1:]]))
+    sys.exit(run("run"))

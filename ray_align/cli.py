@@ -37,7 +37,8 @@ def _jobs_command(args) -> int:
         _load(args)  # a bad config fails here, not on the cluster
         return submit.submit(args.config, list(args.overrides), address=args.address,
                              run_dir=args.run_dir, env_names=args.env, pip=args.pip,
-                             wait=not args.no_wait, working_dir=Path.cwd())
+                             wait=not args.no_wait, working_dir=Path.cwd(),
+                             script="jobs/run_compare.py" if args.compare else "jobs/run_pipeline.py")
     jobs = submit.client(args.address)
     if args.command == "status":
         print(submit.job_status(jobs, args.job_id))
@@ -81,6 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("--pip", action="append", default=[], metavar="SPEC",
                         help="extra pip requirement for the job's runtime environment")
     submit.add_argument("--no-wait", action="store_true", help="print the job id and return")
+    submit.add_argument("--compare", action="store_true",
+                        help="submit `ray-align compare` (jobs/run_compare.py) instead of the pipeline")
 
     status = commands.add_parser("status", help="status of a submitted job",
                                  description="Print a submitted job's status.")

@@ -36,10 +36,12 @@ def runtime_env(env_names: list[str], pip: list[str], working_dir: Path) -> dict
 
 
 def submit(config: str, overrides: list[str], *, address: str | None, run_dir: str | None,
-           env_names: list[str], pip: list[str], wait: bool, working_dir: Path) -> int:
-    """Submit ``jobs/run_pipeline.py``; print the job id; follow logs unless ``wait`` is False."""
+           env_names: list[str], pip: list[str], wait: bool, working_dir: Path,
+           script: str = "jobs/run_pipeline.py") -> int:
+    """Submit ``script`` (the pipeline, or ``jobs/run_compare.py``); print the job id; follow
+    logs unless ``wait`` is False."""
     args = [job_path(config, working_dir), *([f"--run-dir={run_dir}"] if run_dir else []), *overrides]
-    entrypoint = "python jobs/run_pipeline.py " + " ".join(shlex.quote(a) for a in args)
+    entrypoint = f"python {script} " + " ".join(shlex.quote(a) for a in args)
     jobs = client(address)
     job_id = jobs.submit_job(entrypoint=entrypoint,
                              runtime_env=runtime_env(env_names, pip, working_dir))

