@@ -105,6 +105,7 @@ def compare_judge(ctx: Context) -> StageOutput:
     cfg, run = ctx.config, ctx.run
     answers = run.read_table("compare/evaluate", "answers.parquet").to_pylist()
     judged, verdicts, judge_info = judge_answers(ctx, answers)
+    judged.sort(key=lambda a: cfg.compare.methods.index(a.method))  # the table in config order
     run.write_table(labelled(verdicts, harmful=True), "compare/judge", "verdicts.parquet")
     judge_info["training_steps"] = {
         m: (manifest(run, f"{model_folder(m)}train") or {}).get("metrics", {}).get("global_step")
