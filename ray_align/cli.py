@@ -183,14 +183,14 @@ def run_pipeline(config, names: list[str]) -> dict:
 
 def run_comparison(config) -> None:
     from ray_align.pipeline import Context, format_summary, summarize
-    from ray_align.stages.compare import run_compare
+    from ray_align.stages.compare import compare_plan, run_compare
     from ray_align.storage import RunDir
 
     ctx = Context(config=config, run=RunDir(config.run_dir))
-    names: list[str] = STAGE_ORDER[:4]
     try:
-        names = run_compare(ctx)
+        run_compare(ctx)
     finally:
+        names = [stage.name for stage in compare_plan(config)]
         print(format_summary(summarize(ctx.run, names)), flush=True)
     report = ctx.run.read_bytes("compare", "compare.md").decode()
     print("\n" + report.split("\n## ", 1)[0].split("\n![", 1)[0].strip())

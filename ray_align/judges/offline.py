@@ -68,9 +68,7 @@ for final numbers; this one is for offline runs, smoke tests and trends.
 
 from __future__ import annotations
 
-import csv
 import hashlib
-import io
 import json
 import re
 import shutil
@@ -83,7 +81,14 @@ from typing import Any
 
 import numpy as np
 
-from ray_align.assets import ENCODER_NAME, OFFLINE_JUDGE_NAME, AssetError, asset_home, sha256_of
+from ray_align.assets import (
+    ENCODER_NAME,
+    OFFLINE_JUDGE_NAME,
+    AssetError,
+    asset_home,
+    read_scorer_csv,
+    sha256_of,
+)
 from ray_align.judges.verdicts import HARMFUL_SCORES, HARMLESS_SCORES, Verdict
 
 FORMAT_VERSION = 1
@@ -121,15 +126,6 @@ class LabelledRow:
     human: bool  # labelled by a person, not derived or model-written
 
 
-def _read_csv(archive: zipfile.ZipFile, member: str) -> list[dict[str, str]]:
-    """A scorer-eval CSV without its leading ``#`` comment lines (dataset version, notes)."""
-    text = archive.read(member).decode("utf-8")
-    lines = text.splitlines(keepends=True)
-    while lines and lines[0].startswith("#"):
-        lines.pop(0)
-    return list(csv.DictReader(io.StringIO("".join(lines))))
-
-
 def _norm(text: str) -> str:
     return " ".join(text.split()).lower()
 
@@ -152,13 +148,13 @@ def harm_rows(archive: zipfile.ZipFile) -> list[LabelledRow]:
     """Harm labels: objective achieved (human), harm scale mean >= 0.5 (human), many-shot verdicts."""
     rows: dict[tuple[str, str], LabelledRow] = {}
     for member in _csv_members(archive, OBJECTIVE_PREFIX):
-        for rec in _read_csv(archive, member):
+        for rec in read_scorer_csv(archive, member):
             key = (_norm(rec["objective"]), _norm(rec["assistant_response"]))
             rows.setdefault(key, LabelledRow(member, rec["objective"], rec["assistant_response"],
                                              int(float(rec["human_score"]) >= 0.5), True))
     scales: dict[tuple[str, str], tuple[str, str, str, list[float]]] = {}
     for member in _csv_members(archive, HARM_PREFIX):
-        for rec in _read_csv(archive, member):
+        for rec in read_scorer_csv(archive, member):
             scores = [float(v) for k, v in rec.items() if k.startswith("human_score") and v.strip()]
             key = (_norm(rec["objective"]), _norm(rec["assistant_response"]))
             entry = scales.setdefault(key, (member, rec["objective"], rec["assistant_response"], []))
@@ -176,7 +172,7 @@ def harm_rows(archive: zipfile.ZipFile) -> list[LabelledRow]:
 
 def refusal_rows(archive: zipfile.ZipFile) -> list[LabelledRow]:
     """Refusal labels: pyrit's human refusal sets without off-topic rows, plus achieved objectives."""
-    raw = [(member, rec) for member in REFUSAL_MEMBERS for rec in _read_csv(archive, member)]
+    raw = [(member, rec) for member in REFUSAL_MEMBERS for rec in read_scorer_csv(archive, member)]
     on_topic_prompts = {_norm(r["objective"]) for _, r in raw if float(r["human_score"]) < 0.5}
     on_topic_answers = {_norm(r["assistant_response"]) for _, r in raw if float(r["human_score"]) < 0.5}
     rows: dict[tuple[str, str], LabelledRow] = {}
@@ -187,7 +183,7 @@ def refusal_rows(archive: zipfile.ZipFile) -> list[LabelledRow]:
             continue  # off-topic answer scored as a refusal by pyrit's definition: dropped
         rows.setdefault((_norm(prompt), _norm(response)), LabelledRow(member, prompt, response, label, True))
     for member in _csv_members(archive, OBJECTIVE_PREFIX):
-        for rec in _read_csv(archive, member):
+        for rec in read_scorer_csv(archive, member):
             if float(rec["human_score"]) >= 0.5:
                 key = (_norm(rec["objective"]), _norm(rec["assistant_response"]))
                 rows.setdefault(key, LabelledRow(member, rec["objective"], rec["assistant_response"],

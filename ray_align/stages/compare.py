@@ -139,28 +139,28 @@ def _budgeted(ctx: Context, steps: int | None, rows: int) -> Context:
     return dataclasses.replace(ctx, config=cfg.model_copy(update={"train": train}))
 
 
-def run_compare(ctx: Context) -> list[str]:
-    """Every stage of the comparison in order (finished ones are skipped); returns their names."""
+def compare_plan(cfg: Config) -> list[Stage]:
+    """Every stage of the comparison, in order: shared generation, each trained method's build
+    and train, the evaluation (its inputs: the models actually trained), the judging."""
+    trained = [method_stages(m) for m in trained_methods(cfg)]
+    shared = [STAGES["induce"], STAGES["analyze"], BASELINES] if trained else [STAGES["induce"]]
+    evaluate = dataclasses.replace(COMPARE_EVALUATE, inputs=tuple(t.name for _, t in trained))
+    return [*shared, *(b for b, _ in trained), *(t for _, t in trained), evaluate, COMPARE_JUDGE]
+
+
+def _train_rows(ctx: Context, build_stage: str) -> int:
+    return manifest(ctx.run, build_stage)["metrics"]["train_rows"]
+
+
+def run_compare(ctx: Context) -> None:
+    """Run the plan (finished stages are skipped); the baselines train with mistake analysis's
+    step budget."""
     cfg = ctx.config
     trained = trained_methods(cfg)
-    shared = [STAGES["induce"], STAGES["analyze"], BASELINES] if trained else [STAGES["induce"]]
-    for stage in shared:
-        run_stage(ctx, stage)
-    builds = {m: method_stages(m)[0] for m in trained}
-    for stage in builds.values():
-        run_stage(ctx, stage)
-    budget = None
-    if "mistake_analysis" in trained:
-        budget = total_steps(cfg.train, manifest(ctx.run, "build")["metrics"]["train_rows"])
-    for method in trained:
-        rows = manifest(ctx.run, builds[method].name)["metrics"]["train_rows"]
-        stage = method_stages(method)[1]
-        run_stage(ctx if method == "mistake_analysis" else _budgeted(ctx, budget, rows), stage)
-    # The evaluation's inputs are the models actually trained, whichever methods are asked for.
-    evaluate = dataclasses.replace(COMPARE_EVALUATE,
-                                   inputs=tuple(method_stages(m)[1].name for m in trained))
-    run_stage(ctx, evaluate)
-    run_stage(ctx, COMPARE_JUDGE)
-    return [s.name for s in shared] + [n for m in trained for n in
-                                       (builds[m].name, method_stages(m)[1].name)] + \
-        [COMPARE_EVALUATE.name, COMPARE_JUDGE.name]
+    baseline_trains = {t.name: b.name for b, t in map(method_stages, trained) if t.name != "train"}
+    for stage in compare_plan(cfg):
+        if stage.name not in baseline_trains:
+            run_stage(ctx, stage)
+            continue
+        budget = total_steps(cfg.train, _train_rows(ctx, "build")) if "mistake_analysis" in trained else None
+        run_stage(_budgeted(ctx, budget, _train_rows(ctx, baseline_trains[stage.name])), stage)
