@@ -34,11 +34,15 @@ def _jobs_command(args) -> int:
     from ray_align import submit
 
     if args.command == "submit":
+        if args.until and args.compare:
+            raise SystemExit("ray-align submit: --until stops the pipeline; it has no meaning "
+                             "with --compare")
         _load(args)  # a bad config fails here, not on the cluster
         return submit.submit(args.config, list(args.overrides), address=args.address,
                              run_dir=args.run_dir, env_names=args.env, pip=args.pip,
                              wait=not args.no_wait, working_dir=Path.cwd(),
-                             script="jobs/run_compare.py" if args.compare else "jobs/run_pipeline.py")
+                             script="jobs/run_compare.py" if args.compare else "jobs/run_pipeline.py",
+                             options=(f"--until={args.until}",) if args.until else ())
     jobs = submit.client(args.address)
     if args.command == "status":
         print(submit.job_status(jobs, args.job_id))
@@ -84,6 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("--no-wait", action="store_true", help="print the job id and return")
     submit.add_argument("--compare", action="store_true",
                         help="submit `ray-align compare` (jobs/run_compare.py) instead of the pipeline")
+    submit.add_argument("--until", choices=STAGE_ORDER, help="the pipeline stops after this stage")
 
     status = commands.add_parser("status", help="status of a submitted job",
                                  description="Print a submitted job's status.")

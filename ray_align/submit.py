@@ -37,11 +37,11 @@ def runtime_env(env_names: list[str], pip: list[str], working_dir: Path) -> dict
 
 def submit(config: str, overrides: list[str], *, address: str | None, run_dir: str | None,
            env_names: list[str], pip: list[str], wait: bool, working_dir: Path,
-           script: str = "jobs/run_pipeline.py") -> int:
+           script: str = "jobs/run_pipeline.py", options: tuple[str, ...] = ()) -> int:
     """Submit ``script`` (the pipeline, or ``jobs/run_compare.py``); print the job id; follow
     logs unless ``wait`` is False."""
-    args = [job_path(config, working_dir), *([f"--run-dir={run_dir}"] if run_dir else []), *overrides]
-    entrypoint = f"python {script} " + " ".join(shlex.quote(a) for a in args)
+    entrypoint = job_entrypoint(script, job_path(config, working_dir), overrides,
+                                [*([f"--run-dir={run_dir}"] if run_dir else []), *options])
     jobs = client(address)
     job_id = jobs.submit_job(entrypoint=entrypoint,
                              runtime_env=runtime_env(env_names, pip, working_dir))
@@ -50,6 +50,12 @@ def submit(config: str, overrides: list[str], *, address: str | None, run_dir: s
         print(f"follow it with: ray-align logs {job_id} --follow", flush=True)
         return 0
     return follow(jobs, job_id)
+
+
+def job_entrypoint(script: str, config: str, overrides: list[str], options: list[str]) -> str:
+    """The job's command line: the config and its overrides together, options after them (an
+    override after an option would be refused by the job's argument parser)."""
+    return f"python {script} " + " ".join(shlex.quote(a) for a in [config, *overrides, *options])
 
 
 def job_path(config: str, working_dir: Path) -> str:

@@ -47,3 +47,23 @@ def test_submit_copies_only_named_env_vars_and_refuses_missing_ones(monkeypatch,
     assert env["env_vars"] == {"HF_TOKEN": "secret-value"}
     with pytest.raises(ValueError, match="NOT_SET"):
         runtime_env(["NOT_SET"], [], tmp_path)
+
+
+def test_submitted_command_line_parses_as_the_job_will_parse_it():
+    """Overrides and options in the job's command line: an override after an option is refused
+    by argparse, so the entrypoint puts options last."""
+    import shlex
+
+    from ray_align.submit import job_entrypoint
+
+    line = job_entrypoint("jobs/run_pipeline.py", "configs/a.yaml", ["train.epochs=2", "x.y=a b"],
+                          ["--run-dir=s3://b/r", "--until=train"])
+    argv = shlex.split(line)[2:]
+    args = build_parser().parse_args(["run", *argv])
+    assert (args.config, args.overrides) == ("configs/a.yaml", ["train.epochs=2", "x.y=a b"])
+    assert (args.run_dir, args.until) == ("s3://b/r", "train")
+
+
+def test_submit_until_is_refused_with_compare(capsys):
+    with pytest.raises(SystemExit, match="--until"):
+        main(["submit", str(QUICKSTART), "--compare", "--until", "train"])
