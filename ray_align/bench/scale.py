@@ -8,12 +8,14 @@ stage pays once; for training the loop time is used.
 
 from __future__ import annotations
 
+import json
 import tempfile
 import time
+from pathlib import Path
 from typing import Any
 
 from ray_align.bench import training
-from ray_align.bench.common import contender_main, print_table, run_contender
+from ray_align.bench.common import BenchError, contender_main, print_table, run_contender
 
 FLATNESS_TARGET = 0.15  # largest vs smallest per-item cost, at most this far apart
 
@@ -43,15 +45,49 @@ def run_generation_stages(spec: dict[str, Any]) -> dict[str, Any]:
     return {"start_s": start_s, "wall_s": wall_s, "tokens": tokens, "steady_s": steady_s}
 
 
+class ScaleError(BenchError):
+    """The config's prompt sources cannot supply the largest size asked for."""
+
+
+def write_prompt_pool(config, size: int, path: Path) -> Path:
+    """``size`` distinct harmful prompts in one JSONL file: the config's harmful set first, then
+    its evaluation sets (AdvBench has only 520 prompts). Repeating prompts instead would let
+    vLLM's prefix cache make the larger sizes look cheaper than they are."""
+    from ray_align.sources import load_source
+
+    whole = {"offset": 0, "limit": None}  # every row of each file, not the slice a stage uses
+    sources = [s.model_copy(update=whole) for s in [config.data.harmful, *config.evaluate.harmful]]
+    rows, seen = [], set()
+    for source in sources:
+        loaded = load_source(source, config.data.max_prompt_chars, "quarantine", source.path).table
+        for row in loaded.select(["id", "prompt", "category"]).to_pylist():
+            if row["prompt"] not in seen and len(rows) < size:
+                seen.add(row["prompt"])
+                rows.append(row)
+    if len(rows) < size:
+        names = ", ".join(dict.fromkeys(s.path for s in sources))
+        raise ScaleError(f"--sizes asks for {size} prompts but {names} hold {len(rows)} distinct "
+                         "ones: lower the largest size or add prompts to data.harmful")
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
 def bench(config, sizes: list[int], train_sizes: list[int], max_tokens: int = 16) -> dict[str, Any]:
     cfg = config.model_copy(deep=True)
     cfg.induce.max_tokens = cfg.analyze.sampling.max_tokens = max_tokens
     results: dict[str, list[dict]] = {"generation": [], "training": []}
-    for size in sizes:
-        cfg.data.harmful.limit = size
-        row = run_contender(__name__, "generation", {"config": cfg.model_dump(mode="json")})
-        row.update(items=size, s_per_item=row["steady_s"] / size, wall_per_item=row["wall_s"] / size)
-        results["generation"].append(row)
+    with tempfile.TemporaryDirectory() as folder:
+        if sizes:
+            pool = write_prompt_pool(config, max(sizes), Path(folder) / "prompts.jsonl")
+            cfg.data.harmful = cfg.data.harmful.model_copy(update={
+                "path": str(pool), "id_column": "id", "prompt_column": "prompt",
+                "category_column": "category", "offset": 0, "split": "train"})
+        for size in sizes:
+            cfg.data.harmful.limit = size
+            row = run_contender(__name__, "generation", {"config": cfg.model_dump(mode="json")})
+            row.update(items=size, s_per_item=row["steady_s"] / size,
+                       wall_per_item=row["wall_s"] / size)
+            results["generation"].append(row)
     for size in train_sizes:
         row = training.bench(config, rows=size, contenders=("ray_align",))["results"][0]
         row.update(items=size, s_per_item=row["loop_s"] / size, wall_per_item=row["total_s"] / size)

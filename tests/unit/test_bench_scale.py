@@ -1,0 +1,35 @@
+"""The scale benchmark's prompt pool: distinct prompts across sources, or a clear refusal."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from ray_align.bench.scale import ScaleError, write_prompt_pool
+from ray_align.config import load_config
+from tests.conftest import write_jsonl
+from tests.unit.test_config import QUICKSTART
+
+
+def config_with(tmp_path, harmful: list[str], held_out: list[str]):
+    first = write_jsonl(tmp_path / "a.jsonl", [{"id": f"a{i}", "prompt": p} for i, p in enumerate(harmful)])
+    second = write_jsonl(tmp_path / "b.jsonl", [{"id": f"b{i}", "prompt": p} for i, p in enumerate(held_out)])
+    return load_config(QUICKSTART, [
+        f"data.harmful={{path: {first}, id_column: id, limit: 2}}",
+        f"evaluate.harmful=[{{path: {second}, id_column: id, offset: 1, limit: 1}}]"])
+
+
+def test_pool_fills_from_every_harmful_source_without_repeating_a_prompt(tmp_path):
+    config = config_with(tmp_path, ["p0", "p1", "p2"], ["p1", "q0", "q1"])
+    pool = write_prompt_pool(config, 5, tmp_path / "pool.jsonl")
+    rows = [json.loads(line) for line in pool.read_text().splitlines()]
+    # no source's offset or limit (a stage's slice) narrows the pool; the repeated "p1" is taken once
+    assert [r["prompt"] for r in rows] == ["p0", "p1", "p2", "q0", "q1"]
+    assert [r["id"] for r in rows] == ["a0", "a1", "a2", "b1", "b2"]
+
+
+def test_pool_larger_than_the_sources_is_refused_with_the_count(tmp_path):
+    config = config_with(tmp_path, ["p0", "p1"], ["p1", "q0"])
+    with pytest.raises(ScaleError, match="asks for 9 prompts .* hold 3 distinct"):
+        write_prompt_pool(config, 9, tmp_path / "pool.jsonl")
