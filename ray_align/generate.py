@@ -46,10 +46,24 @@ class GenerationStats:
     generated_now: int
     output_tokens: int
     seconds: float
+    engine_s: float | None = None  # first request scheduled to last token out, on the engines
 
     @property
     def tokens_per_s(self) -> float:
         return self.output_tokens / self.seconds if self.seconds else 0.0
+
+    @property
+    def steady_tokens_per_s(self) -> float | None:
+        """Tokens/s over the engines' busy window: start-up excluded, any wait for work between
+        batches included. Needs vLLM's request stats (on unless ``disable_log_stats``) and
+        engines on one machine (their monotonic clocks are compared)."""
+        return self.output_tokens / self.engine_s if self.engine_s else None
+
+
+def engine_window(metrics: dict | None) -> tuple[float, float]:
+    """(scheduled, last token) of one request from vLLM's request stats; (0, 0) without them."""
+    metrics = metrics or {}
+    return float(metrics.get("scheduled_ts") or 0.0), float(metrics.get("last_token_ts") or 0.0)
 
 
 def engine_kwargs(model: ModelConfig, engine: EngineConfig) -> dict:
@@ -124,6 +138,7 @@ def build_engine_processor(model: ModelConfig, engine: EngineConfig, sampling: S
             "num_input_tokens": int(row.get("num_input_tokens") or 0),
             "num_generated_tokens": int(row.get("num_generated_tokens") or 0),
             "error": str(row.get("__inference_error__") or ""),
+            "engine_window": list(engine_window(row.get("metrics"))),
         }
 
     light = {"num_cpus": LIGHT_CPU}
@@ -199,6 +214,7 @@ def generate(
     buffer: list[dict] = []
     failures: list[dict] = []
     tokens = written = 0
+    window = [float("inf"), 0.0]  # earliest scheduling, latest last token
     bar = tqdm(total=todo.num_rows, desc=desc, unit="row", dynamic_ncols=True)
 
     def flush() -> None:
@@ -216,6 +232,9 @@ def generate(
                 continue
             buffer.append({k: row[k] for k in RESULT_SCHEMA.names})
             tokens += row["num_generated_tokens"]
+            scheduled, last = row["engine_window"]
+            if scheduled and last:
+                window = [min(window[0], scheduled), max(window[1], last)]
         bar.update(batch.num_rows)
         bar.set_postfix(tok_s=f"{tokens / (time.perf_counter() - started):.0f}")
         if len(buffer) >= engine.shard_rows:
@@ -228,7 +247,9 @@ def generate(
             f"(first: {failures[0]['key']}: {failures[0]['error'][:300]}); "
             f"{written} were saved, rerun to retry the rest"
         )
-    return GenerationStats(requests.num_rows, written, tokens, time.perf_counter() - started)
+    engine_s = window[1] - window[0] if window[1] > window[0] else None
+    return GenerationStats(requests.num_rows, written, tokens, time.perf_counter() - started,
+                           engine_s)
 
 
 def make_requests(ids: list[str], messages: list[list[dict[str, str]]]) -> pa.Table:

@@ -7,6 +7,7 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -52,25 +53,30 @@ def report(result: dict[str, Any]) -> None:
 
 
 def run_contender(module: str, name: str, spec: dict[str, Any], timeout_s: float = 3600) -> dict:
-    """Run ``python -m MODULE NAME SPEC_JSON`` in a fresh process and return what it reports."""
+    """Run ``python -m MODULE NAME SPEC_FILE`` in a fresh process and return what it reports
+    (the spec goes through a file: a training spec's token ids outgrow a command line)."""
     print(f"[bench] {name}: running in a fresh process", flush=True)
     started = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", module, name, json.dumps(spec)],
-                          capture_output=True, text=True, timeout=timeout_s,
-                          env={**os.environ, "PYTHONUNBUFFERED": "1"}, start_new_session=True)
+    with tempfile.NamedTemporaryFile("w", suffix=".json", prefix="bench-spec-") as spec_file:
+        json.dump(spec, spec_file)
+        spec_file.flush()
+        proc = subprocess.run([sys.executable, "-m", module, name, spec_file.name],
+                              capture_output=True, text=True, timeout=timeout_s,
+                              env={**os.environ, "PYTHONUNBUFFERED": "1"}, start_new_session=True)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(RESULT_PREFIX)]
     if proc.returncode != 0 or not lines:
         tail = (proc.stdout + proc.stderr)[-3000:]
         raise BenchError(f"contender {name!r} exited {proc.returncode}:\n{tail}")
     result = json.loads(lines[-1][len(RESULT_PREFIX):])
     result["process_s"] = round(time.perf_counter() - started, 1)
-    print(f"[bench] {name}: done in {result['process_s']} s", flush=True)
+    # each contender's numbers are in the log as soon as it ends, should a later one fail
+    print(f"[bench] {name}: done in {result['process_s']} s: {json.dumps(result)}", flush=True)
     return result
 
 
 def contender_main(contenders: dict[str, Callable[[dict], dict]]) -> None:
     """The ``__main__`` of a benchmark module: run one contender, report its numbers."""
-    name, spec = sys.argv[1], json.loads(sys.argv[2])
+    name, spec = sys.argv[1], json.loads(Path(sys.argv[2]).read_text())
     with peak_memory() as memory:
         result = contenders[name](spec)
     report({"contender": name, **result, "peak_gb": round(memory["peak_gb"], 2)})

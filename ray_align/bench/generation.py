@@ -4,11 +4,13 @@ vLLM's offline ``LLM.chat`` in one process and against batched transformers ``ge
 Same model, chat messages (the induce step's guided and unguided prompts) and sampling; every
 request generates exactly ``max_tokens`` (``ignore_eos``), so all contenders do equal work.
 Start-up (imports, Ray, engine) is reported apart from steady-state tokens/s. ``generate s`` is
-the steady-state time for all requests; ``e2e tok/s`` counts start-up too.
+the steady-state time for all requests; ``e2e tok/s`` counts start-up too (and, for ray_align,
+writing the results to Parquet as the stage does).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import tempfile
@@ -29,9 +31,9 @@ def _configs(spec: dict[str, Any]):
 
 
 def run_ray_align(spec: dict[str, Any]) -> dict[str, Any]:
-    """The induce stage's path, run on all the requests, then on half of them (fresh engines
-    each time): the difference gives steady-state tokens/s, free of start-up costs. The first
-    run also pays this process's one-off costs, so the estimate errs against ray_align."""
+    """The induce stage's path. Steady state is the rate over the engine's busy window (first
+    request scheduled to last token, from vLLM's request stats); start-up is the rest of the time,
+    so the two add up to the end-to-end time."""
     started = time.perf_counter()
     from ray_align.config import RayConfig
     from ray_align.generate import generate, make_requests
@@ -40,46 +42,42 @@ def run_ray_align(spec: dict[str, Any]) -> dict[str, Any]:
 
     model, engine, sampling = _configs(spec)
     init_ray(RayConfig(num_cpus=spec["num_cpus"]))
-    ray_s = time.perf_counter() - started
     keys = [f"r{i}" for i in range(len(spec["messages"]))]
-    requests = make_requests(keys, spec["messages"])
     with tempfile.TemporaryDirectory() as folder:
-        run = RunDir(folder)
-        full = generate(run, ("full",), requests, model, engine, sampling, desc="ray_align")
-        half = generate(run, ("half",), requests.slice(0, requests.num_rows // 2), model, engine,
-                        sampling, desc="ray_align (half)")
-    extra_s = full.seconds - half.seconds
-    if extra_s <= 0:  # too little work to tell generation from start-up noise
-        print("[bench] ray_align: raise --requests to separate start-up from generation", flush=True)
-        return {"start_s": math.nan, "generate_s": math.nan, "tokens": full.output_tokens,
-                "steady_tok_s": math.nan, "e2e_tok_s": full.output_tokens / (ray_s + full.seconds)}
-    steady = (full.output_tokens - half.output_tokens) / extra_s
-    start_s = ray_s + full.seconds - full.output_tokens / steady
-    return {"start_s": start_s, "generate_s": full.output_tokens / steady,
-            "tokens": full.output_tokens, "steady_tok_s": steady,
-            "e2e_tok_s": full.output_tokens / (ray_s + full.seconds)}
+        stats = generate(RunDir(folder), ("out",), make_requests(keys, spec["messages"]), model,
+                         engine, sampling, desc="ray_align")
+    return _timings(time.perf_counter() - started, stats.output_tokens, stats.engine_s)
 
 
 def run_vllm(spec: dict[str, Any]) -> dict[str, Any]:
-    """vLLM's own offline API in this process, with the same engine arguments."""
+    """vLLM's own offline API in this process, with the same engine arguments; steady state
+    over the same busy window as ray_align's."""
     started = time.perf_counter()
     model, engine, sampling = _configs(spec)
     os.environ.update(engine.env)
     from vllm import LLM, SamplingParams
 
-    from ray_align.generate import engine_kwargs
+    from ray_align.generate import engine_kwargs, engine_window
 
     llm = LLM(model=model.path, **engine_kwargs(model, engine))
-    start_s = time.perf_counter() - started
     params = SamplingParams(temperature=sampling.temperature, top_p=sampling.top_p,
                             max_tokens=sampling.max_tokens, ignore_eos=sampling.ignore_eos,
                             repetition_penalty=sampling.repetition_penalty)
-    began = time.perf_counter()
     outputs = llm.chat(spec["messages"], params, use_tqdm=False)
-    seconds = time.perf_counter() - began
+    total_s = time.perf_counter() - started
     tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
-    return {"start_s": start_s, "generate_s": seconds, "tokens": tokens,
-            "steady_tok_s": tokens / seconds, "e2e_tok_s": tokens / (start_s + seconds)}
+    windows = [engine_window(o.metrics and dataclasses.asdict(o.metrics)) for o in outputs]
+    engine_s = max(w[1] for w in windows) - min(w[0] for w in windows)
+    return _timings(total_s, tokens, engine_s if all(min(w) > 0 for w in windows) else None)
+
+
+def _timings(total_s: float, tokens: int, engine_s: float | None) -> dict[str, Any]:
+    """Start-up is everything outside the engine's busy window."""
+    if not engine_s:
+        raise RuntimeError("no vLLM request stats came back: the benchmark needs them "
+                           "(engine.engine_kwargs.disable_log_stats must not be true)")
+    return {"start_s": total_s - engine_s, "generate_s": engine_s, "tokens": tokens,
+            "steady_tok_s": tokens / engine_s, "e2e_tok_s": tokens / total_s}
 
 
 def run_transformers(spec: dict[str, Any]) -> dict[str, Any]:
@@ -131,7 +129,10 @@ def induce_messages(config, count: int) -> list[list[dict[str, str]]]:
 
 def bench_spec(config, requests: int, max_tokens: int, hf_batch_size: int) -> dict[str, Any]:
     sampling = config.induce.model_copy(update={"max_tokens": max_tokens, "ignore_eos": True})
-    return {"model": config.model.model_dump(), "engine": config.engine.model_dump(),
+    engine = config.engine.model_dump()
+    # vLLM's request stats time each engine's busy window; ray.data.llm's engines keep them on
+    engine["engine_kwargs"] = {**engine["engine_kwargs"], "disable_log_stats": False}
+    return {"model": config.model.model_dump(), "engine": engine,
             "sampling": sampling.model_dump(), "messages": induce_messages(config, requests),
             "num_cpus": config.ray.num_cpus or os.cpu_count(), "hf_batch_size": hf_batch_size}
 

@@ -1,6 +1,7 @@
 """A real two-node Ray cluster on this machine (``ray start --head``, then a second node with its
-own resources), the pipeline submitted with Ray's own ``ray job submit`` CLI, SUCCEEDED awaited,
-and the outputs checked in the run directory. Token auth stays on: every process gets the token."""
+own resources), the pipeline (up to the trained model: the engines' evaluation stage is proven in
+test_pipeline_e2e.py) submitted with Ray's own ``ray job submit`` CLI, SUCCEEDED awaited, and the
+outputs checked in the run directory. Token auth stays on: every process gets the token."""
 
 from __future__ import annotations
 
@@ -87,13 +88,13 @@ def test_pipeline_submitted_with_ray_job_submit(two_node_cluster, tiny_model, tm
                               "excludes": [".git", ".venv", "runs", "**/__pycache__"]})
     result = subprocess.run(
         [RAY, "job", "submit", f"--address={address}", f"--runtime-env-json={runtime_env}", "--",
-         sys.executable, "jobs/run_pipeline.py", str(config)],
+         sys.executable, "jobs/run_pipeline.py", str(config), "--until", "train"],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=1200)
     print(result.stdout[-2000:])
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
     assert "succeeded" in result.stdout.lower()
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
-    assert [s["status"] for s in summary["stages"].values()] == ["complete"] * 5
+    assert [s["status"] for s in summary["stages"].values()] == ["complete"] * 4
     assert (tmp_path / "run" / "train" / "model" / "config.json").exists()
 
     # ray_align's own client on the same cluster: the rerun skips every finished stage.
@@ -101,11 +102,11 @@ def test_pipeline_submitted_with_ray_job_submit(two_node_cluster, tiny_model, tm
         return subprocess.run([sys.executable, "-m", "ray_align.cli", *args, f"--address={address}"],
                               cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
 
-    submitted = cli("submit", str(config))
+    submitted = cli("submit", str(config), "--until", "train")
     print(submitted.stdout[-2000:])
     assert submitted.returncode == 0, submitted.stdout[-3000:] + submitted.stderr[-2000:]
     job_id = submitted.stdout.split("submitted job ", 1)[1].split(":", 1)[0]
-    assert submitted.stdout.count("complete in an earlier run: skipped") == 5
+    assert submitted.stdout.count("complete in an earlier run: skipped") == 4
     assert f"job {job_id}: SUCCEEDED" in submitted.stdout
     assert cli("status", job_id).stdout.strip() == "SUCCEEDED"
     assert "ray_align run summary" in cli("logs", job_id).stdout

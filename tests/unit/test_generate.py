@@ -1,7 +1,14 @@
 import pytest
 
 from ray_align.config import EngineConfig, ModelConfig
-from ray_align.generate import GenerationError, check_engine_fits, engine_kwargs, placement_bundles
+from ray_align.generate import (
+    GenerationError,
+    GenerationStats,
+    check_engine_fits,
+    engine_kwargs,
+    engine_window,
+    placement_bundles,
+)
 
 
 def test_placement_bundles_one_per_tensor_parallel_rank():
@@ -22,3 +29,12 @@ def test_missing_gpus_are_named_before_an_engine_starts():
     with pytest.raises(GenerationError, match=r"8 GPU \(has 4\).*tensor_parallel_size=8"):
         check_engine_fits(engine, {"CPU": 64, "GPU": 4})
     check_engine_fits(engine, {"CPU": 64, "GPU": 8})
+
+
+def test_steady_rate_uses_the_engines_busy_window_when_vllm_reports_it():
+    stats = {"scheduled_ts": 100.0, "first_token_ts": 100.5, "last_token_ts": 104.0}
+    assert engine_window(stats) == (100.0, 104.0)
+    assert engine_window(None) == engine_window({}) == (0.0, 0.0)  # stats off, or a failed row
+    done = GenerationStats(requests=4, generated_now=4, output_tokens=200, seconds=30.0, engine_s=4.0)
+    assert done.steady_tokens_per_s == 50.0 and done.tokens_per_s == pytest.approx(200 / 30)
+    assert GenerationStats(4, 4, 200, 30.0).steady_tokens_per_s is None
