@@ -3,7 +3,8 @@ and Parquet, on a tiny random-init model: ``ray-align compare`` (the untrained m
 and mistake analysis trained with the same step budget, evaluated and judged) through an engine
 actor and a training worker killed on the way; then ``ray-align run`` reuses its stages and adds
 the pipeline's evaluation; the exported model is loaded by transformers; the LLM judge replaces
-the offline one and only the judging is redone; a last rerun skips every stage."""
+the offline one and only the judging is redone (a rerun that skips every stage: the two-node
+test)."""
 
 from __future__ import annotations
 
@@ -63,7 +64,7 @@ def assert_no_secret_leaked(run_dir, *outputs: str) -> None:
 
 
 @pytest.mark.timeout(2700)
-def test_compare_and_run_through_faults_then_rerun_skips(tiny_model, tmp_path):
+def test_compare_and_run_through_faults_then_rejudge(tiny_model, tmp_path):
     """The comparison, with two faults injected on the way, each recovered inside the run:
     an engine actor SIGKILLed in the middle of induce (Ray Data restarts it and retries its
     batches) and a training worker SIGKILLed mid-epoch (Ray Train restarts the workers from
@@ -174,9 +175,6 @@ def test_compare_and_run_through_faults_then_rerun_skips(tiny_model, tmp_path):
     assert report["judge"]["kind"] == "llm" and verdicts.num_rows == report["judge"]["verdicts"]
     assert report["judge"]["unparsed"] == sum(not p for p in verdicts.column("parsed").to_pylist())
 
-    again = run_cli("run", str(config))
-    assert again.returncode == 0, again.stderr[-3000:]
-    assert again.stdout.count("complete in an earlier run: skipped") == 5
 
 
 def check_comparison(run, stdout: str) -> None:
