@@ -66,6 +66,15 @@ def engine_window(metrics: dict | None) -> tuple[float, float]:
     return float(metrics.get("scheduled_ts") or 0.0), float(metrics.get("last_token_ts") or 0.0)
 
 
+def busy_seconds(windows: list[tuple[float, float]]) -> float | None:
+    """Earliest scheduling to latest last token over the requests that carry stats."""
+    timed = [w for w in windows if w[0] and w[1]]
+    if not timed:
+        return None
+    span = max(w[1] for w in timed) - min(w[0] for w in timed)
+    return span if span > 0 else None
+
+
 def engine_kwargs(model: ModelConfig, engine: EngineConfig) -> dict:
     """vLLM engine arguments: the model's settings, then the user's engine_kwargs on top."""
     return {
@@ -214,7 +223,7 @@ def generate(
     buffer: list[dict] = []
     failures: list[dict] = []
     tokens = written = 0
-    window = [float("inf"), 0.0]  # earliest scheduling, latest last token
+    windows: list[tuple[float, float]] = []
     bar = tqdm(total=todo.num_rows, desc=desc, unit="row", dynamic_ncols=True)
 
     def flush() -> None:
@@ -232,9 +241,7 @@ def generate(
                 continue
             buffer.append({k: row[k] for k in RESULT_SCHEMA.names})
             tokens += row["num_generated_tokens"]
-            scheduled, last = row["engine_window"]
-            if scheduled and last:
-                window = [min(window[0], scheduled), max(window[1], last)]
+            windows.append(tuple(row["engine_window"]))
         bar.update(batch.num_rows)
         bar.set_postfix(tok_s=f"{tokens / (time.perf_counter() - started):.0f}")
         if len(buffer) >= engine.shard_rows:
@@ -247,9 +254,8 @@ def generate(
             f"(first: {failures[0]['key']}: {failures[0]['error'][:300]}); "
             f"{written} were saved, rerun to retry the rest"
         )
-    engine_s = window[1] - window[0] if window[1] > window[0] else None
     return GenerationStats(requests.num_rows, written, tokens, time.perf_counter() - started,
-                           engine_s)
+                           busy_seconds(windows))
 
 
 def make_requests(ids: list[str], messages: list[list[dict[str, str]]]) -> pa.Table:

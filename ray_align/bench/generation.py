@@ -57,7 +57,7 @@ def run_vllm(spec: dict[str, Any]) -> dict[str, Any]:
     os.environ.update(engine.env)
     from vllm import LLM, SamplingParams
 
-    from ray_align.generate import engine_kwargs, engine_window
+    from ray_align.generate import busy_seconds, engine_kwargs, engine_window
 
     llm = LLM(model=model.path, **engine_kwargs(model, engine))
     params = SamplingParams(temperature=sampling.temperature, top_p=sampling.top_p,
@@ -67,8 +67,7 @@ def run_vllm(spec: dict[str, Any]) -> dict[str, Any]:
     total_s = time.perf_counter() - started
     tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
     windows = [engine_window(o.metrics and dataclasses.asdict(o.metrics)) for o in outputs]
-    engine_s = max(w[1] for w in windows) - min(w[0] for w in windows)
-    return _timings(total_s, tokens, engine_s if all(min(w) > 0 for w in windows) else None)
+    return _timings(total_s, tokens, busy_seconds(windows))
 
 
 def _timings(total_s: float, tokens: int, engine_s: float | None) -> dict[str, Any]:
