@@ -225,8 +225,21 @@ def _bench(args, config) -> int:
     return 0
 
 
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse the command line, taking ``key=value`` overrides wherever they stand: argparse
+    alone refuses those that follow an option (``run CONFIG --until train epochs=2``)."""
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    late = [a for a in rest if "=" in a and not a.startswith("-")]
+    if rest != late or (late and not hasattr(args, "overrides")):
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    if late:
+        args.overrides = [*(args.overrides or []), *late]
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse(argv)
     from ray_align.assets import AssetError
     from ray_align.bench.common import BenchError
     from ray_align.config import ConfigError

@@ -59,6 +59,14 @@ class GenerationStats:
         engines on one machine (their monotonic clocks are compared)."""
         return self.output_tokens / self.engine_s if self.engine_s else None
 
+    def metrics(self) -> dict[str, float | int | None]:
+        """What a generation stage records in its manifest: tokens, wall speed, engine busy time
+        (``engine_s``, what ``bench scale`` measures steady cost by) and speed over it."""
+        steady = self.steady_tokens_per_s
+        return {"output_tokens": self.output_tokens, "tokens_per_s": round(self.tokens_per_s, 1),
+                "engine_s": round(self.engine_s, 3) if self.engine_s else None,
+                "steady_tokens_per_s": round(steady, 1) if steady else None}
+
 
 def engine_window(metrics: dict | None) -> tuple[float, float]:
     """(scheduled, last token) of one request from vLLM's request stats; (0, 0) without them."""

@@ -2,8 +2,8 @@
 
 Induce + analyze (the real stages, through the pipeline) at several prompt counts, and the
 train stage at several row counts, each size in a fresh process. Per-item cost is measured
-after start-up: for generation a one-token probe run measures Ray + engine start, which each
-stage pays once; for training the loop time is used.
+after start-up: for generation over the engines' busy time (first request scheduled to last
+token, from vLLM's request stats), for training over the loop.
 """
 
 from __future__ import annotations
@@ -21,8 +21,9 @@ FLATNESS_TARGET = 0.15  # largest vs smallest per-item cost, at most this far ap
 
 
 def run_generation_stages(spec: dict[str, Any]) -> dict[str, Any]:
+    """Induce + analyze in one fresh run directory. Steady time is the engines' busy time the
+    stages record (vLLM's request stats); the rest of the wall time is start-up."""
     from ray_align.config import Config
-    from ray_align.generate import generate, make_requests
     from ray_align.pipeline import Context, run_stage
     from ray_align.stages import STAGES
     from ray_align.storage import RunDir
@@ -31,18 +32,16 @@ def run_generation_stages(spec: dict[str, Any]) -> dict[str, Any]:
         config = Config.model_validate({**spec["config"], "run_dir": folder})
         ctx = Context(config=config, run=RunDir(folder))
         began = time.perf_counter()
-        ctx.ensure_ray()
-        probe = generate(ctx.run, ("probe",), make_requests(["p"], [[{"role": "user", "content": "Hi"}]]),
-                         config.model, config.engine, config.induce.model_copy(update={"max_tokens": 1}),
-                         desc="probe")
-        start_s = time.perf_counter() - began
-        began = time.perf_counter()
-        tokens = 0
+        tokens, steady_s = 0, 0.0
         for name in ("induce", "analyze"):
-            tokens += run_stage(ctx, STAGES[name])["metrics"]["output_tokens"]
+            metrics = run_stage(ctx, STAGES[name])["metrics"]
+            if not metrics.get("engine_s"):
+                raise BenchError(f"{name} recorded no engine busy time: vLLM's request stats are "
+                                 "missing (this vLLM version may not record scheduled_ts / last_token_ts)")
+            tokens += metrics["output_tokens"]
+            steady_s += metrics["engine_s"]
         wall_s = time.perf_counter() - began
-    steady_s = wall_s - 2 * probe.seconds  # each stage starts its engines once
-    return {"start_s": start_s, "wall_s": wall_s, "tokens": tokens, "steady_s": steady_s}
+    return {"start_s": wall_s - steady_s, "wall_s": wall_s, "tokens": tokens, "steady_s": steady_s}
 
 
 class ScaleError(BenchError):
@@ -75,6 +74,7 @@ def write_prompt_pool(config, size: int, path: Path) -> Path:
 def bench(config, sizes: list[int], train_sizes: list[int], max_tokens: int = 16) -> dict[str, Any]:
     cfg = config.model_copy(deep=True)
     cfg.induce.max_tokens = cfg.analyze.sampling.max_tokens = max_tokens
+    cfg.engine.engine_kwargs = {**cfg.engine.engine_kwargs, "disable_log_stats": False}
     results: dict[str, list[dict]] = {"generation": [], "training": []}
     with tempfile.TemporaryDirectory() as folder:
         if sizes:

@@ -41,6 +41,5 @@ def analyze(ctx: Context) -> StageOutput:
     run.write_table(labelled(pa.Table.from_pylist(out, schema=ANALYSIS_SCHEMA), harmful=True),
                     "analyze", "data.parquet")
     return StageOutput(len(out), "data.parquet", {
-        "unusable": write_quarantine(run, "analyze", bad), "output_tokens": stats.output_tokens,
-        "tokens_per_s": round(stats.tokens_per_s, 1),
+        "unusable": write_quarantine(run, "analyze", bad), **stats.metrics(),
     })

@@ -45,7 +45,6 @@ def induce(ctx: Context) -> StageOutput:
     natural = sum(not r["unguided_refused"] for r in out)
     guided_refused = sum(is_refusal(r["guided_response"]) for r in out)
     return StageOutput(len(out), "data.parquet", {
-        "quarantined": quarantined, "output_tokens": stats.output_tokens,
-        "tokens_per_s": round(stats.tokens_per_s, 1),
+        "quarantined": quarantined, **stats.metrics(),
         "natural_mistake_rate": natural / len(out), "guided_refusal_rate": guided_refused / len(out),
     })

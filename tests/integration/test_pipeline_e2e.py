@@ -137,6 +137,7 @@ def test_compare_and_run_through_faults_then_rejudge(tiny_model, tmp_path):
     stages = summary["stages"]
     assert [stages[s]["status"] for s in stages] == ["complete"] * 5
     assert stages["induce"]["rows"] == rows and stages["analyze"]["rows"] <= rows
+    assert summary["metrics"]["analyze.engine_s"] > 0  # what `bench scale` measures steady cost by
     induced = pq.read_table(run / "induce" / "data.parquet")
     assert induced.schema.metadata[b"contains_harmful_text"] == b"true"
     assert sorted(induced.column("id").to_pylist()) == [f"advbench-{i:04d}" for i in range(rows)]

@@ -1,6 +1,6 @@
 import pytest
 
-from ray_align.cli import STAGE_ORDER, build_parser, main
+from ray_align.cli import STAGE_ORDER, build_parser, main, parse
 from tests.unit.test_config import QUICKSTART
 
 
@@ -62,6 +62,17 @@ def test_submitted_command_line_parses_as_the_job_will_parse_it():
     args = build_parser().parse_args(["run", *argv])
     assert (args.config, args.overrides) == ("configs/a.yaml", ["train.epochs=2", "x.y=a b"])
     assert (args.run_dir, args.until) == ("s3://b/r", "train")
+
+
+def test_overrides_may_follow_options():
+    args = parse(["run", "c.yaml", "a.b=1", "--run-dir", "r", "train.epochs=2", "--until", "train",
+                  "x=y=z"])
+    assert (args.config, args.run_dir, args.until) == ("c.yaml", "r", "train")
+    assert args.overrides == ["a.b=1", "train.epochs=2", "x=y=z"]
+    with pytest.raises(SystemExit):
+        parse(["run", "c.yaml", "--run-dir", "r", "stray"])  # not key=value: still refused
+    with pytest.raises(SystemExit):
+        parse(["status", "JOB", "a=1"])  # a command without overrides refuses them
 
 
 def test_submit_until_is_refused_with_compare(capsys):

@@ -38,3 +38,6 @@ def test_steady_rate_uses_the_engines_busy_window_when_vllm_reports_it():
     done = GenerationStats(requests=4, generated_now=4, output_tokens=200, seconds=30.0, engine_s=4.0)
     assert done.steady_tokens_per_s == 50.0 and done.tokens_per_s == pytest.approx(200 / 30)
     assert GenerationStats(4, 4, 200, 30.0).steady_tokens_per_s is None
+    assert done.metrics() == {"output_tokens": 200, "tokens_per_s": 6.7, "engine_s": 4.0,
+                              "steady_tokens_per_s": 50.0}
+    assert GenerationStats(4, 4, 200, 30.0).metrics()["engine_s"] is None
