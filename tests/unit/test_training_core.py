@@ -56,3 +56,15 @@ def test_deepspeed_config_is_a_pure_function_of_the_config():
     assert ds["bf16"] == {"enabled": True}
     plain = deepspeed_config(TrainConfig(zero_stage=0, precision="fp32"), world_size=1)
     assert "bf16" not in plain and "offload_optimizer" not in plain["zero_optimization"]
+
+
+def test_torch_fused_adamw_unless_a_gpu_run_offloads_the_optimizer():
+    """DeepSpeed's own Adam is compiled at the first step (and needs a CUDA toolkit on a GPU):
+    only ZeRO-Offload on GPU nodes keeps it."""
+    for use_gpu, offload in [(False, False), (False, True), (True, False)]:
+        ds = deepspeed_config(TrainConfig(use_gpu=use_gpu, offload_optimizer=offload), world_size=2)
+        assert ds["optimizer"]["params"]["torch_adam"] is True and ds["optimizer"]["params"]["fused"]
+    offloaded = deepspeed_config(TrainConfig(use_gpu=True, offload_optimizer=True), world_size=2)
+    assert "torch_adam" not in offloaded["optimizer"]["params"]
+    assert "zero_force_ds_cpu_optimizer" not in offloaded
+    assert deepspeed_config(TrainConfig(offload_optimizer=True), 2)["zero_force_ds_cpu_optimizer"] is False
