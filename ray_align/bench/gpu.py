@@ -82,7 +82,7 @@ def run_plain_torch(spec: dict[str, Any], compile_model: bool = False) -> dict[s
     model = random_model(spec["shape"], device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95),
                                   fused=device == "cuda")
-    forward = torch.compile(model) if compile_model else model
+    forward = torch.compile(model, backend=spec["compile_backend"]) if compile_model else model
 
     def step(batch):
         with torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda"):
@@ -144,10 +144,12 @@ def peak_tflops(given: float | None) -> float | None:
 
 def bench(shape: str = "tinyllama-1.1b", micro_batch: int = 8, seq_len: int = 2048, steps: int = 20,
           warmup: int = 5, contenders: tuple[str, ...] = CONTENDERS, repeats: int = 1,
-          peak: float | None = None) -> dict[str, Any]:
+          peak: float | None = None, compile_backend: str = "inductor") -> dict[str, Any]:
     spec = {"shape": shape, "micro_batch": micro_batch, "seq_len": seq_len, "steps": steps,
-            "warmup": warmup, "seed": 0}
-    rows, runs, targets = side_by_side(__name__, contenders, spec, repeats, "tok_s", TARGETS)
+            "warmup": warmup, "seed": 0, "compile_backend": compile_backend}
+    # by name: run as ``python -m``, this module's __name__ is "__main__"
+    rows, runs, targets = side_by_side("ray_align.bench.gpu", contenders, spec, repeats, "tok_s",
+                                       TARGETS)
     tflops = peak_tflops(peak)
     flops_per_token = 6 * parameter_count(shape)  # the references' convention: attention left out
     for row in rows:
@@ -180,10 +182,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--peak-tflops", type=float, help="the card's dense bf16 peak "
                         "(default: known from its name: H100, H200, A100)")
+    parser.add_argument("--compile-backend", default="inductor",
+                        help="torch.compile backend of the torch_compile contender (the CPU smoke "
+                             "test uses aot_eager: the same tracing without a C++ build)")
     parser.add_argument("--out", help="write the results as JSON here")
     args = parser.parse_args(argv)
     result = bench(args.shape, args.micro_batch, args.seq_len, args.steps, args.warmup,
-                   tuple(c for c in args.contenders.split(",") if c), args.repeats, args.peak_tflops)
+                   tuple(c for c in args.contenders.split(",") if c), args.repeats, args.peak_tflops,
+                   args.compile_backend)
     result["machine"] = machine()
     for name, verdict in result["targets"].items():
         print(f"target vs {name}: {verdict}")

@@ -17,8 +17,9 @@ from tests.conftest import REPO, ray_align_env, tiny_config
 pytestmark = pytest.mark.integration
 
 
-def bench(tmp_path, tiny_model, name: str, *options: str, **settings) -> dict:
-    config = tiny_config(tmp_path, tiny_model, engine_in_process=False, **settings)  # vLLM's default
+def bench(tmp_path, tiny_model, name: str, *options: str, in_process: bool = False,
+          **settings) -> dict:
+    config = tiny_config(tmp_path, tiny_model, engine_in_process=in_process, **settings)
     out = tmp_path / "bench.json"
     result = subprocess.run([sys.executable, "-m", "ray_align.cli", "bench", name, str(config),
                              *options, "--out", str(out)], cwd=REPO, env=ray_align_env(), capture_output=True,
@@ -52,8 +53,9 @@ def test_training_bench_runs_every_contender_on_the_same_rows(tiny_model, tmp_pa
 
 
 def test_scale_bench_measures_steady_cost_from_the_engines_busy_time(tiny_model, tmp_path):
+    # engines in-process (the generation smoke test covers vLLM's default): half the start
     report = bench(tmp_path, tiny_model, "scale", "--sizes", "4", "--train-sizes", "",
-                   "--max-tokens", "4")
+                   "--max-tokens", "4", in_process=True)
     (row,) = report["results"]["generation"]
     assert row["items"] == 4 and row["tokens"] > 0
     assert 0 < row["steady_s"] < row["wall_s"] and row["start_s"] > 0
@@ -66,8 +68,9 @@ def test_gpu_bench_runs_on_cpu_with_the_smoke_shape(tmp_path):
     out = tmp_path / "gpu.json"
     result = subprocess.run([sys.executable, "-m", "ray_align.bench.gpu", "--shape", "smoke",
                              "--micro-batch", "2", "--seq-len", "32", "--steps", "2", "--warmup", "1",
-                             "--out", str(out)], cwd=REPO, capture_output=True, text=True,
-                            timeout=600, start_new_session=True)
+                             "--compile-backend", "aot_eager", "--out", str(out)],
+                            cwd=REPO, capture_output=True, text=True, timeout=600,
+                            start_new_session=True)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     report = json.loads(out.read_text())
     rows = {r["contender"]: r for r in report["results"]}

@@ -55,31 +55,32 @@ def test_interrupted_induce_resumes_without_loss_or_duplicates(tiny_model, tmp_p
     print(f"interrupted after {written} of {2 * rows} generations")
     assert 0 < written < 2 * rows
 
-    second = subprocess.run(cmd, cwd=REPO, env=ray_align_env(), capture_output=True, text=True,
-                            timeout=900, start_new_session=True)
-    assert second.returncode == 0, second.stderr[-4000:]
-    assert f"resuming: {written} done" in second.stdout + second.stderr
+    # The rerun resumes induce, then goes on through training, and is killed after a
+    # mid-epoch checkpoint; the next run continues from that step and ends at the step count
+    # of an uninterrupted run.
+    cmd = [sys.executable, "-m", "ray_align.cli", "run", str(config), "--until", "train"]
+    log = tmp_path / "second.log"
+    with log.open("w") as out:
+        second = subprocess.Popen(cmd, cwd=REPO, env=ray_align_env(), start_new_session=True,
+                                  stdout=out, stderr=subprocess.STDOUT)
+    # Ray Train records a checkpoint in this snapshot once it is fully written
+    registered = tmp_path / "run" / "train" / "ray_train" / "checkpoint_manager_snapshot.json"
+    deadline = time.time() + 900
+    while time.time() < deadline and second.poll() is None and not registered.exists():
+        time.sleep(0.5)
+    assert second.poll() is None, "the run ended before training could be interrupted:\n" + \
+        log.read_text()[-4000:]
+    kill_group(second)
+    assert f"resuming: {written} done" in log.read_text()
     keys = pq.read_table(parts).column("key").to_pylist()
     print(f"after resume: {len(keys)} generations, {len(set(keys))} distinct")
     assert len(keys) == len(set(keys)) == 2 * rows
     induced = pq.read_table(tmp_path / "run" / "induce" / "data.parquet")
     assert induced.num_rows == rows and len(set(induced.column("id").to_pylist())) == rows
 
-    # Then through training: the driver killed after a mid-epoch checkpoint, the rerun continues
-    # from that step and ends at the step count of an uninterrupted run.
-    cmd = [sys.executable, "-m", "ray_align.cli", "run", str(config), "--until", "train"]
-    third = subprocess.Popen(cmd, cwd=REPO, env=ray_align_env(), start_new_session=True,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    # Ray Train records a checkpoint in this snapshot once it is fully written
-    registered = tmp_path / "run" / "train" / "ray_train" / "checkpoint_manager_snapshot.json"
-    deadline = time.time() + 900
-    while time.time() < deadline and third.poll() is None and not registered.exists():
-        time.sleep(0.5)
-    assert third.poll() is None, "the run ended before training could be interrupted"
-    kill_group(third)
-    fourth = subprocess.run(cmd, cwd=REPO, env=ray_align_env(), capture_output=True, text=True,
-                            timeout=900, start_new_session=True)
-    assert fourth.returncode == 0, fourth.stderr[-4000:]
+    third = subprocess.run(cmd, cwd=REPO, env=ray_align_env(), capture_output=True, text=True,
+                           timeout=900, start_new_session=True)
+    assert third.returncode == 0, third.stderr[-4000:]
     record = json.loads((tmp_path / "run" / "train" / "manifest.json").read_text())
     train_rows = pq.read_metadata(tmp_path / "run" / "build" / "train.parquet").num_rows
     expected = total_steps(load_config(str(config)).train, train_rows)
