@@ -116,7 +116,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "the config's model and data; print a table and write JSON.\n"
                     "  generation: induce machinery vs vLLM LLM.chat vs transformers generate\n"
                     "  training:   train stage (Ray Train) vs the DeepSpeed loop without Ray vs torch\n"
-                    "  scale:      cost per item of induce+analyze and of training as sizes grow",
+                    "  scale:      cost per item of induce+analyze and of training as sizes grow\n"
+                    "The GPU benchmark of the training core (1.1B Llama, MFU) needs no Ray or "
+                    "config: python -m ray_align.bench.gpu --help",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     bench.add_argument("name", choices=["generation", "training", "scale"], help="which benchmark")
     bench.add_argument("config", nargs="?", default="configs/quickstart.yaml",
