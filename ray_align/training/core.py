@@ -147,6 +147,13 @@ def train_step(engine, batch: dict[str, torch.Tensor]) -> tuple[float, int]:
     return float(loss.detach()), int((batch["labels"] != IGNORE_INDEX).sum())
 
 
+def step_loss(micro: list[tuple[float, int]]) -> float:
+    """An optimizer step's loss from its micro-batches' (loss, target tokens): their
+    token-weighted mean, not the last micro-batch's (one row's loss with micro-batches of 1)."""
+    tokens = sum(n for _, n in micro)
+    return sum(loss * n for loss, n in micro) / tokens if tokens else float("nan")
+
+
 @torch.no_grad()
 def eval_loss(model, batches: Iterable[dict[str, torch.Tensor]], device) -> tuple[float, int]:
     """Token-weighted mean loss over batches, and the token count."""

@@ -24,6 +24,7 @@ from ray_align.training.core import (
     full_state_dict,
     load_model,
     micro_batches,
+    step_loss,
     train_step,
 )
 
@@ -104,14 +105,18 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                                     batch_format="numpy", drop_last=False)
         batches = micro_batches(window, pad_id, train.micro_batch_size, seed=train.seed + epoch)
         loss, epoch_started = float("nan"), time.perf_counter()
+        step: list[tuple[float, int]] = []  # (loss, target tokens) of the step's micro-batches
         for index, batch in enumerate(batches):
             if index < skip:
                 continue  # consumed before the restart; its gradient is already in the weights
             if max_micro is not None and micro_done >= max_micro:
                 break
-            loss, n = train_step(engine, batch)
+            step.append(train_step(engine, batch))
             tokens += int(batch["attention_mask"].sum())
             micro_done += 1
+            if micro_done % train.grad_accum == 0:  # an optimizer step ended: report its loss
+                loss = step_loss(step)
+                step.clear()
             state = {"epoch": epoch, "batches_done": index + 1,
                      "global_step": engine.global_steps, "tokens": progress["tokens"] + tokens}
             if micro_done % every == 0:

@@ -33,3 +33,30 @@ def test_pool_larger_than_the_sources_is_refused_with_the_count(tmp_path):
     config = config_with(tmp_path, ["p0", "p1"], ["p1", "q0"])
     with pytest.raises(ScaleError, match="asks for 9 prompts .* hold 3 distinct"):
         write_prompt_pool(config, 9, tmp_path / "pool.jsonl")
+
+
+def test_steady_time_is_the_stages_engine_busy_time(tmp_path, monkeypatch):
+    """The glue of one size's run (the stages themselves, and the engine_s they record, are
+    proven on real engines in the end-to-end test)."""
+    from ray_align import pipeline
+    from ray_align.bench import scale
+    from ray_align.bench.common import BenchError
+
+    busy = {"induce": {"output_tokens": 40, "engine_s": 3.0},
+            "analyze": {"output_tokens": 20, "engine_s": 2.0}}
+    ran = []
+
+    def fake_run_stage(ctx, stage):
+        ran.append(stage.name)
+        return {"metrics": busy[stage.name]}
+
+    monkeypatch.setattr(pipeline, "run_stage", fake_run_stage)
+    spec = {"config": load_config(QUICKSTART).model_dump(mode="json")}
+    row = scale.run_generation_stages(spec)
+    assert ran == ["induce", "analyze"]
+    assert (row["tokens"], row["steady_s"]) == (60, 5.0)
+    assert row["start_s"] == pytest.approx(row["wall_s"] - 5.0)
+
+    busy["analyze"]["engine_s"] = None  # vLLM recorded no request stats
+    with pytest.raises(BenchError, match="analyze recorded no engine busy time"):
+        scale.run_generation_stages(spec)

@@ -1,3 +1,5 @@
+import math
+
 import numpy as np
 import torch
 
@@ -68,3 +70,11 @@ def test_torch_fused_adamw_unless_a_gpu_run_offloads_the_optimizer():
     assert "torch_adam" not in offloaded["optimizer"]["params"]
     assert "zero_force_ds_cpu_optimizer" not in offloaded
     assert deepspeed_config(TrainConfig(offload_optimizer=True), 2)["zero_force_ds_cpu_optimizer"] is False
+
+
+def test_a_steps_loss_is_the_token_weighted_mean_of_its_micro_batches():
+    from ray_align.training.core import step_loss
+
+    assert step_loss([(2.0, 10), (4.0, 30)]) == 3.5
+    assert step_loss([(1.5, 7)]) == 1.5
+    assert math.isnan(step_loss([(1.0, 0)]))
