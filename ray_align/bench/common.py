@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import statistics
 import subprocess
 import sys
@@ -45,6 +46,19 @@ def peak_memory() -> Any:
     finally:
         stop.set()
         thread.join()
+
+
+def free_port() -> int:
+    """A free local TCP port for a process group's rendezvous (MASTER_PORT)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def with_request_stats(engine_kwargs: dict[str, Any]) -> dict[str, Any]:
+    """vLLM engine arguments with request stats on: they time each engine's busy window (the
+    benchmarks' steady state); ray.data.llm's engines keep them on, raw ``LLM`` does not."""
+    return {**engine_kwargs, "disable_log_stats": False}
 
 
 def report(result: dict[str, Any]) -> None:

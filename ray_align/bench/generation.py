@@ -17,7 +17,7 @@ import tempfile
 import time
 from typing import Any
 
-from ray_align.bench.common import contender_main, print_table, side_by_side
+from ray_align.bench.common import contender_main, print_table, side_by_side, with_request_stats
 
 CONTENDERS = ("ray_align", "vllm", "transformers")
 TARGETS = {"vllm": 0.95, "transformers": 1.2}  # ray_align's steady tok/s over each, at least
@@ -129,8 +129,7 @@ def induce_messages(config, count: int) -> list[list[dict[str, str]]]:
 def bench_spec(config, requests: int, max_tokens: int, hf_batch_size: int) -> dict[str, Any]:
     sampling = config.induce.model_copy(update={"max_tokens": max_tokens, "ignore_eos": True})
     engine = config.engine.model_dump()
-    # vLLM's request stats time each engine's busy window; ray.data.llm's engines keep them on
-    engine["engine_kwargs"] = {**engine["engine_kwargs"], "disable_log_stats": False}
+    engine["engine_kwargs"] = with_request_stats(engine["engine_kwargs"])
     return {"model": config.model.model_dump(), "engine": engine,
             "sampling": sampling.model_dump(), "messages": induce_messages(config, requests),
             "num_cpus": config.ray.num_cpus or os.cpu_count(), "hf_batch_size": hf_batch_size}

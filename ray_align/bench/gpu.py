@@ -11,11 +11,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import time
 from typing import Any
 
-from ray_align.bench.common import contender_main, machine, print_table, side_by_side
+from ray_align.bench.common import contender_main, free_port, machine, print_table, side_by_side
 
 SHAPES: dict[str, dict[str, int]] = {
     "tinyllama-1.1b": {"hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 22,
@@ -104,10 +103,7 @@ def run_ray_align(spec: dict[str, Any]) -> dict[str, Any]:
     from ray_align.training.core import deepspeed_engine, train_step
 
     device = _device()
-    with socket.socket() as free:
-        free.bind(("127.0.0.1", 0))
-        port = free.getsockname()[1]
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1",
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", WORLD_SIZE="1",
                       LOCAL_RANK="0")
     deepspeed.init_distributed(dist_backend="nccl" if device == "cuda" else "gloo")
     train = TrainConfig(zero_stage=2, micro_batch_size=spec["micro_batch"], grad_accum=1,
@@ -115,8 +111,7 @@ def run_ray_align(spec: dict[str, Any]) -> dict[str, Any]:
                         use_gpu=device == "cuda")
     model = random_model(spec["shape"], device)
     engine = deepspeed_engine(model, train, world_size=1)
-    batches = ({k: v.to(engine.device) for k, v in b.items()}
-               for b in random_batches(spec, model.config.vocab_size, device))
+    batches = random_batches(spec, model.config.vocab_size, device)  # train_step moves them
     return _timed_loop(spec, lambda batch: train_step(engine, batch), batches, device)
 
 

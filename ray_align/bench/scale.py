@@ -15,7 +15,13 @@ from pathlib import Path
 from typing import Any
 
 from ray_align.bench import training
-from ray_align.bench.common import BenchError, contender_main, print_table, run_contender
+from ray_align.bench.common import (
+    BenchError,
+    contender_main,
+    print_table,
+    run_contender,
+    with_request_stats,
+)
 
 FLATNESS_TARGET = 0.15  # largest vs smallest per-item cost, at most this far apart
 
@@ -74,7 +80,7 @@ def write_prompt_pool(config, size: int, path: Path) -> Path:
 def bench(config, sizes: list[int], train_sizes: list[int], max_tokens: int = 16) -> dict[str, Any]:
     cfg = config.model_copy(deep=True)
     cfg.induce.max_tokens = cfg.analyze.sampling.max_tokens = max_tokens
-    cfg.engine.engine_kwargs = {**cfg.engine.engine_kwargs, "disable_log_stats": False}
+    cfg.engine.engine_kwargs = with_request_stats(cfg.engine.engine_kwargs)
     results: dict[str, list[dict]] = {"generation": [], "training": []}
     with tempfile.TemporaryDirectory() as folder:
         if sizes:

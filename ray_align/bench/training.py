@@ -8,12 +8,11 @@ tokens; tokens/s is measured over the training loop, start-up reported apart.
 from __future__ import annotations
 
 import os
-import socket
 import tempfile
 import time
 from typing import Any
 
-from ray_align.bench.common import contender_main, print_table, side_by_side
+from ray_align.bench.common import contender_main, free_port, print_table, side_by_side
 
 CONTENDERS = ("ray_align", "deepspeed", "torch")
 TARGETS = {"deepspeed": 0.95}  # ray_align's loop tok/s over the same loop without Ray, at least
@@ -90,9 +89,7 @@ def run_deepspeed(spec: dict[str, Any]) -> dict[str, Any]:
     import torch.multiprocessing as mp
 
     started = time.perf_counter()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     context = mp.get_context("spawn")
     queue = context.Queue()
     world = spec["config"]["train"]["num_workers"]
