@@ -8,10 +8,11 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_core import to_jsonable_python
 
 
 class ConfigError(ValueError):
@@ -20,6 +21,24 @@ class ConfigError(ValueError):
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    # Fields that say how a stage is executed, not what it computes: changing one resumes or
+    # skips a stage, never redoes it.
+    EXECUTION: ClassVar[frozenset[str]] = frozenset()
+
+    def identity(self) -> dict[str, Any]:
+        """The fields that can change a stage's output (everything but ``EXECUTION``)."""
+        return {name: identity_of(getattr(self, name))
+                for name in type(self).model_fields if name not in self.EXECUTION}
+
+
+def identity_of(value: Any) -> Any:
+    """A config value as it enters a stage's identity (sections reduced to ``identity()``)."""
+    if isinstance(value, _Strict):
+        return value.identity()
+    if isinstance(value, (list, tuple)):
+        return [identity_of(v) for v in value]
+    return to_jsonable_python(value)
 
 
 class ModelConfig(_Strict):
@@ -56,8 +75,17 @@ class DataConfig(_Strict):
     )
 
 
+# vLLM engine arguments that change what a model generates (the rest, such as
+# max_num_seqs or gpu_memory_utilization, only change how fast).
+OUTPUT_ENGINE_KWARGS = frozenset({
+    "quantization", "kv_cache_dtype", "dtype", "max_model_len", "revision", "code_revision",
+    "tokenizer", "tokenizer_revision", "tokenizer_mode", "hf_overrides", "seed",
+    "generation_config", "override_generation_config", "logits_processors"})
+
+
 class EngineConfig(_Strict):
-    """vLLM engines in Ray actors, through ``ray.data.llm``."""
+    """vLLM engines in Ray actors, through ``ray.data.llm``: how generation is executed. Only
+    ``engine_kwargs`` that change outputs (``OUTPUT_ENGINE_KWARGS``) enter a stage's identity."""
 
     pool: tuple[int, int] = Field((1, 1), description="(min, max) engines; max > min autoscales.")
     batch_size: int = Field(16, ge=1, description="Rows per batch sent to an engine.")
@@ -71,6 +99,10 @@ class EngineConfig(_Strict):
     check_resources: bool = Field(
         True, description="Refuse to start when the cluster cannot hold one engine; turn off "
         "when the autoscaler adds such nodes on demand.")
+
+    def identity(self) -> dict[str, Any]:
+        kwargs = {k: v for k, v in self.engine_kwargs.items() if k in OUTPUT_ENGINE_KWARGS}
+        return {"engine_kwargs": to_jsonable_python(kwargs)} if kwargs else {}
 
 
 class SamplingConfig(_Strict):
@@ -108,6 +140,11 @@ class LoraConfig(_Strict):
 
 
 class TrainConfig(_Strict):
+    # Same optimizer steps on the same batches either way (the ZeRO stage and offloading stay
+    # in the identity: they decide the layout of the checkpoints a resume reads).
+    EXECUTION: ClassVar[frozenset[str]] = frozenset({
+        "cpus_per_worker", "max_failures", "checkpoint_every_steps", "gradient_checkpointing"})
+
     num_workers: int = Field(2, ge=1)
     use_gpu: bool = False
     cpus_per_worker: float = Field(1, gt=0)
@@ -231,8 +268,23 @@ class Config(_Strict):
     def critic(self) -> ModelConfig:
         return self.analyze.critic or self.model
 
+    def stage_identity(self, *sections: str) -> dict[str, Any]:
+        """What of some (dotted) sections defines a stage's output: execution settings left out."""
+        payload = {}
+        for name in sections:
+            node: Any = self
+            for part in name.split("."):
+                node = getattr(node, part)
+            payload[name] = identity_of(node)
+        return payload
+
     def section_hash(self, *sections: str) -> str:
-        """A short hash of some (dotted) sections, so a stage reruns only when its inputs change."""
+        """A short hash of a stage's identity: the stage is redone only when it changes."""
+        return identity_hash(self.stage_identity(*sections))
+
+    def legacy_section_hash(self, *sections: str) -> str:
+        """The hash of whole sections that run directories made before the identity split
+        recorded; accepted as a match so that upgrading redoes no finished stage."""
         dumped = self.model_dump(mode="json")
         payload = {}
         for name in sections:
@@ -240,7 +292,11 @@ class Config(_Strict):
             for part in name.split("."):
                 node = node[part]
             payload[name] = node
-        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+        return identity_hash(payload)
+
+
+def identity_hash(payload: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:

@@ -167,7 +167,10 @@ def build_engine_processor(model: ModelConfig, engine: EngineConfig, sampling: S
 def load_tokenizer(path: str, trust_remote_code: bool):
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    from ray_align.storage import local_model_path
+
+    return AutoTokenizer.from_pretrained(local_model_path(path, tokenizer_only=True),
+                                         trust_remote_code=trust_remote_code)
 
 
 def prompt_token_ids(model: ModelConfig, messages_json: list[str]) -> pa.Array:

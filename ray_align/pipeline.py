@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -17,7 +18,7 @@ from typing import Any
 import pyarrow as pa
 
 from ray_align import prompts
-from ray_align.config import Config, RayConfig
+from ray_align.config import Config, RayConfig, identity_hash
 from ray_align.storage import RunDir
 
 HARMFUL_CONTENT_NOTE = (
@@ -39,9 +40,10 @@ class StageOutput:
 @dataclass
 class Stage:
     name: str
-    sections: tuple[str, ...]  # config sections whose change makes the stage rerun
+    sections: tuple[str, ...]  # config sections whose output-defining part is the stage's identity
     inputs: tuple[str, ...]  # upstream stages whose output it reads
     run: Callable[[Context], StageOutput]
+    scratch: tuple[str, ...] = ()  # folders of work in progress (parts, checkpoints), not output
 
 
 @dataclass
@@ -91,8 +93,8 @@ def check_shared_storage(run: RunDir, shared: bool, nodes: list[dict]) -> None:
             "s3://... or gs://... (or a shared mount and set ray.shared_run_dir: true)")
 
 
-def manifest(run: RunDir, stage: str) -> dict[str, Any] | None:
-    return run.read_json(stage, "manifest.json") if run.exists(stage, "manifest.json") else None
+def manifest(run: RunDir, *stage: str) -> dict[str, Any] | None:
+    return run.read_json(*stage, "manifest.json") if run.exists(*stage, "manifest.json") else None
 
 
 def _expected_inputs(run: RunDir, stage: Stage) -> dict[str, str]:
@@ -119,27 +121,98 @@ def check_output_intact(run: RunDir, name: str, record: dict[str, Any]) -> None:
                          f"delete {run.uri_of(name)} to redo the stage")
 
 
+PREVIOUS = ".previous"  # RUN/.previous/<stage>/<config hash>/: output set aside on a redo
+
+
+def _matches(record: dict[str, Any] | None, hashes: tuple[str, str], inputs: dict[str, str]) -> bool:
+    return bool(record) and record.get("config_hash") in hashes and record.get("inputs") == inputs
+
+
+def _flat(node: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(node, dict):
+        return {prefix: node}
+    out: dict[str, Any] = {}
+    for key, value in node.items():
+        out.update(_flat(value, f"{prefix}.{key}" if prefix else key))
+    return out
+
+
+def what_changed(record: dict[str, Any], identity: dict[str, Any], inputs: dict[str, str]) -> str:
+    """Which settings or inputs differ from a finished attempt's, in a few words."""
+    changed = [f"input {name!r}" for name in sorted(set(inputs) | set(record.get("inputs") or {}))
+               if inputs.get(name) != (record.get("inputs") or {}).get(name)]
+    if "identity" in record:
+        old, new = _flat(record["identity"]), _flat(identity)
+        changed += [f"{key} ({str(old.get(key))[:40]} -> {str(new.get(key))[:40]})"
+                    for key in sorted(set(old) | set(new)) if old.get(key) != new.get(key)]
+    else:
+        changed = changed or ["its settings"]
+    return ", ".join(changed[:4]) + (" and more" if len(changed) > 4 else "")
+
+
+def _set_aside(run: RunDir, stage: Stage, record: dict[str, Any]) -> None:
+    """Move an attempt with other settings to ``RUN/.previous/<stage>/<hash>/`` file by file.
+    A finished one leaves its scratch (generation parts, training checkpoints) behind; an
+    unfinished one keeps it, so going back to its settings resumes it."""
+    if record.get("status") == "complete":
+        for folder in stage.scratch:
+            run.delete(stage.name, folder)
+    aside = (PREVIOUS, stage.name, record.get("config_hash") or "unknown")
+    run.delete(*aside)
+    run.move_files((stage.name,), aside)
+
+
+def _restore_if_kept(run: RunDir, stage: Stage, hashes: tuple[str, str],
+                     inputs: dict[str, str]) -> dict[str, Any] | None:
+    """Bring back an attempt set aside earlier with exactly these settings and inputs."""
+    for config_hash in dict.fromkeys(hashes):
+        kept = manifest(run, PREVIOUS, stage.name, config_hash)
+        if _matches(kept, hashes, inputs):
+            run.move_files((PREVIOUS, stage.name, config_hash), (stage.name,))
+            print(f"[{stage.name}] restored the {kept.get('status')} attempt of an earlier run with "
+                  f"these settings from {run.uri_of(PREVIOUS, stage.name)}", flush=True)
+            return kept
+    return None
+
+
 def run_stage(ctx: Context, stage: Stage) -> dict[str, Any]:
-    """Run one stage with skip / resume / redo semantics; return its manifest."""
+    """Run one stage with skip / resume / redo semantics; return its manifest.
+
+    A stage is what it computes: its identity is the part of its config sections that defines
+    the output (execution settings left out) and its inputs' fingerprints. A redo never deletes
+    the previous attempt first: it is set aside until the new one is complete.
+    """
     run = ctx.run
-    config_hash = ctx.config.section_hash(*stage.sections)
+    identity = ctx.config.stage_identity(*stage.sections)
+    hashes = (identity_hash(identity), ctx.config.legacy_section_hash(*stage.sections))
     inputs = _expected_inputs(run, stage)
     previous = manifest(run, stage.name)
-    same = bool(previous) and (previous.get("config_hash"), previous.get("inputs")) == (config_hash, inputs)
-    if same and previous.get("status") == "complete":
+    if previous and not _matches(previous, hashes, inputs):
+        where = run.uri_of(PREVIOUS, stage.name)
+        if previous.get("status") == "complete":
+            print(f"[{stage.name}] {what_changed(previous, identity, inputs)} changed since the last "
+                  f"run: redoing it; the finished output is kept in {where} until the new one is "
+                  "complete", flush=True)
+        else:
+            print(f"[{stage.name}] the unfinished attempt had other settings: set aside in {where}",
+                  flush=True)
+        _set_aside(run, stage, previous)
+        previous = None
+    if previous is None:
+        previous = _restore_if_kept(run, stage, hashes, inputs)
+    if previous and previous.get("status") == "complete":
         check_output_intact(run, stage.name, previous)
         print(f"[{stage.name}] complete in an earlier run: skipped", flush=True)
         return previous
-    if same:
+    if previous:
         print(f"[{stage.name}] resuming an interrupted run", flush=True)
-    elif previous:
-        print(f"[{stage.name}] config or inputs changed since the last run: redoing it", flush=True)
-        run.delete(stage.name)
     if not run.exists("README.txt"):
         run.write_bytes(HARMFUL_CONTENT_NOTE.encode(), "README.txt")
-    spent = float(previous.get("seconds", 0)) if same else 0.0  # time of the interrupted attempts
-    record = {"stage": stage.name, "status": "running", "config_hash": config_hash,
-              "inputs": inputs, "templates": prompts.TEMPLATES, "seconds": spent,
+    spent = float(previous.get("seconds", 0)) if previous else 0.0  # the interrupted attempts
+    attempt = (previous or {}).get("attempt") or uuid.uuid4().hex[:12]
+    record = {"stage": stage.name, "status": "running", "config_hash": hashes[0],
+              "identity": identity, "inputs": inputs, "templates": prompts.TEMPLATES,
+              "seconds": spent, "attempt": attempt,
               "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     run.write_json(record, stage.name, "manifest.json")
     started = time.perf_counter()
@@ -152,10 +225,11 @@ def run_stage(ctx: Context, stage: Stage) -> dict[str, Any]:
             run.write_json(record, stage.name, "manifest.json")
         raise
     record.update(status="complete", rows=result.rows, output=result.output,
-                  fingerprint=run.fingerprint(stage.name, result.output), metrics=result.metrics,
-                  seconds=round(spent + time.perf_counter() - started, 2),
+                  fingerprint=run.fingerprint(stage.name, result.output, salt=attempt),
+                  metrics=result.metrics, seconds=round(spent + time.perf_counter() - started, 2),
                   finished_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
-    run.write_json(record, stage.name, "manifest.json")
+    run.write_json(record, stage.name, "manifest.json")  # the marker: the output is now finished
+    run.delete(PREVIOUS, stage.name)  # attempts with other settings are no longer needed
     print(f"[{stage.name}] done: {result.rows} rows in {record['seconds']:.1f} s", flush=True)
     return record
 
@@ -185,7 +259,7 @@ def summarize(run: RunDir, stage_names: list[str]) -> dict[str, Any]:
         summary["stages"][name] = {k: m.get(k) for k in ("status", "rows", "seconds")}
         for key, value in (m.get("metrics") or {}).items():
             summary.setdefault("metrics", {})[f"{name}.{key}"] = value
-    if run.exists("train", "model"):
+    if (manifest(run, "train") or {}).get("status") == "complete":
         summary["model_dir"] = run.uri_of("train", "model")
     if run.exists("evaluate", "report.md"):
         summary["report"] = run.uri_of("evaluate", "report.md")

@@ -1,7 +1,10 @@
 """The run directory: a local path or an ``s3://`` / ``gs://`` URI, through pyarrow filesystems.
 
-All writes are atomic (write a temporary file, then move it into place), so a reader never
-sees half a file and an interrupted write leaves nothing that looks finished.
+Every operation is one object stores support: files are written, read, listed, deleted and
+moved one by one (a move is copy + delete there); folders are never renamed. Writes are atomic:
+locally a temporary file is renamed into place; on an object store an object appears only once
+its upload completes. A stage's manifest, written last, is what marks its output finished.
+An S3-compatible endpoint comes from the environment (``AWS_ENDPOINT_URL``), as for the AWS CLI.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ import hashlib
 import json
 import os
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -42,8 +46,24 @@ class RunDir:
     def exists(self, *parts: str) -> bool:
         return self.fs.get_file_info(self.path(*parts)).type != pafs.FileType.NotFound
 
-    def makedirs(self, *parts: str) -> None:
-        self.fs.create_dir(self.path(*parts), recursive=True)
+    def walk(self, *parts: str) -> list[str]:
+        """Paths (relative to the folder) of every file under a folder, sorted; empty if none."""
+        base = self.path(*parts)
+        if self.fs.get_file_info(base).type != pafs.FileType.Directory:
+            return []
+        infos = self.fs.get_file_info(pafs.FileSelector(base, recursive=True))
+        return sorted(i.path[len(base) + 1:] for i in infos if i.type == pafs.FileType.File)
+
+    def move_files(self, source: tuple[str, ...], target: tuple[str, ...]) -> int:
+        """Move every file under ``source`` to the same place under ``target``, file by file
+        (object stores cannot rename a folder); return how many moved."""
+        names = self.walk(*source)
+        for name in names:
+            destination = self.path(*target, name)
+            self.fs.create_dir(destination.rsplit("/", 1)[0], recursive=True)
+            self.fs.move(self.path(*source, name), destination)
+        self.delete(*source)
+        return len(names)
 
     def list_files(self, *parts: str, suffix: str = "") -> list[str]:
         """Names of the files directly under a folder (sorted); empty when it does not exist."""
@@ -65,11 +85,13 @@ class RunDir:
 
     def _atomic(self, parts: tuple[str, ...], write) -> None:
         target = self.path(*parts)
-        tmp = f"{target}.tmp-{uuid.uuid4().hex[:8]}"
+        # An object appears whole once its upload completes: no temporary copy needed there.
+        tmp = f"{target}.tmp-{uuid.uuid4().hex[:8]}" if self.is_local else target
         try:
             self.fs.create_dir(target.rsplit("/", 1)[0], recursive=True)
             write(tmp)
-            self.fs.move(tmp, target)
+            if tmp != target:
+                self.fs.move(tmp, target)
         except OSError as exc:
             with contextlib.suppress(OSError):
                 self.fs.delete_file(tmp)
@@ -116,29 +138,96 @@ class RunDir:
         tables = [self.read_table(*parts, name) for name in self.list_files(*parts, suffix=".parquet")]
         return pa.concat_tables(tables, promote_options="default") if tables else None
 
-    def fingerprint(self, *parts: str) -> str:
-        """A content hash of a file or of every file under a folder."""
-        digest = hashlib.sha256()
+    def fingerprint(self, *parts: str, salt: str = "") -> str:
+        """A content hash of a file; of a folder (a model of many GB on object storage), a hash
+        of its file names and sizes with ``salt`` (the attempt that wrote it), so nothing is
+        downloaded to tell one output from another."""
         base = self.path(*parts)
         info = self.fs.get_file_info(base)
         if info.type == pafs.FileType.File:
-            files = [info]
-        else:
-            files = self.fs.get_file_info(pafs.FileSelector(base, recursive=True))
-            files = sorted((i for i in files if i.type == pafs.FileType.File), key=lambda i: i.path)
-        for item in files:
-            digest.update(item.path[len(base):].encode())
-            with self.fs.open_input_stream(item.path) as src:
+            digest = hashlib.sha256()
+            with self.fs.open_input_stream(base) as src:
                 while chunk := src.read(1 << 20):
                     digest.update(chunk)
+            return digest.hexdigest()[:16]
+        digest = hashlib.sha256(salt.encode())
+        files = self.fs.get_file_info(pafs.FileSelector(base, recursive=True))
+        for item in sorted((i for i in files if i.type == pafs.FileType.File), key=lambda i: i.path):
+            digest.update(f"{item.path[len(base):]}\0{item.size}\0".encode())
         return digest.hexdigest()[:16]
 
     def upload_dir(self, local_dir: str | os.PathLike, *parts: str) -> None:
-        """Copy a local folder into the run directory (used for exported models)."""
+        """Copy a local folder (an exported model) into the run directory file by file, its
+        ``*config.json`` last: a reader that finds the config finds every weight file too."""
         target = self.path(*parts)
         if self.is_local and os.path.abspath(local_dir) == target:
             return
-        self.delete(*parts)
-        self.fs.create_dir(target, recursive=True)
-        pafs.copy_files(str(local_dir), target, source_filesystem=pafs.LocalFileSystem(),
-                        destination_filesystem=self.fs)
+        local = Path(local_dir)
+        names = sorted((str(p.relative_to(local)) for p in local.rglob("*") if p.is_file()),
+                       key=lambda name: (name.endswith("config.json"), name))
+        try:
+            self.delete(*parts)
+            for name in names:
+                destination = f"{target}/{name}"
+                self.fs.create_dir(destination.rsplit("/", 1)[0], recursive=True)
+                pafs.copy_files(str(local / name), destination,
+                                source_filesystem=pafs.LocalFileSystem(), destination_filesystem=self.fs)
+        except OSError as exc:
+            raise StorageError(f"cannot upload {local} to {self.uri_of(*parts)}: {exc}") from exc
+
+    def download_dir(self, *parts: str, to: str | os.PathLike, only: Callable[[str], bool] = bool) -> None:
+        """Copy the files of a folder for which ``only(name)`` holds to a local one (streamed:
+        weight files of many GB never sit in memory whole)."""
+        try:
+            for name in filter(only, self.walk(*parts)):
+                destination = Path(to) / name
+                destination.parent.mkdir(parents=True, exist_ok=True)
+                pafs.copy_files(self.path(*parts, name), str(destination), source_filesystem=self.fs,
+                                destination_filesystem=pafs.LocalFileSystem())
+        except OSError as exc:
+            raise StorageError(f"cannot download {self.uri_of(*parts)} to {to}: {exc}") from exc
+
+
+REMOTE_SCHEMES = ("s3://", "gs://", "gcs://")
+TOKENIZER_FILES = ("tokenizer", "config.json", "chat_template", "special_tokens_map.json",
+                   "vocab", "merges.txt", ".model")  # names holding any of these
+
+
+def is_remote(path: str) -> bool:
+    return path.startswith(REMOTE_SCHEMES)
+
+
+def local_model_path(path: str, *, tokenizer_only: bool = False) -> str:
+    """A local folder holding a model kept on object storage (``s3://``, ``gs://``): transformers
+    reads only local folders and hub names. Downloaded once per machine into
+    ``~/.cache/ray_align/models/``, keyed by the files' names, sizes and times, so a model
+    exported again to the same URI is downloaded again. Local paths and hub names pass through."""
+    if not is_remote(path):
+        return path
+    remote = RunDir(path)
+    try:
+        infos = remote.fs.get_file_info(pafs.FileSelector(remote.root, recursive=True))
+    except OSError as exc:
+        raise StorageError(f"cannot list the model at {path}: {exc}") from exc
+    files = sorted((i for i in infos if i.type == pafs.FileType.File), key=lambda i: i.path)
+    wanted = [i for i in files
+              if not tokenizer_only or any(s in i.base_name for s in TOKENIZER_FILES)]
+    if not any(i.base_name == "config.json" for i in wanted):
+        raise StorageError(f"{path} is not a model folder (no config.json)")
+    key = hashlib.sha256(path.encode())
+    for item in wanted:
+        key.update(f"{item.path}\0{item.size}\0{item.mtime_ns}\0".encode())
+    cache = Path(os.environ.get("RAY_ALIGN_CACHE", "~/.cache/ray_align")).expanduser() / "models"
+    target = cache / f"{key.hexdigest()[:20]}{'-tokenizer' if tokenizer_only else ''}"
+    if (target / "config.json").exists():
+        return str(target)
+    staging = cache / f".{target.name}.{uuid.uuid4().hex[:8]}"
+    names = {i.path[len(remote.root) + 1:] for i in wanted}
+    remote.download_dir(to=staging, only=names.__contains__)
+    try:
+        os.rename(staging, target)  # a local cache folder, not the run directory
+    except OSError:  # another process of this machine finished first
+        import shutil
+
+        shutil.rmtree(staging, ignore_errors=True)
+    return str(target)

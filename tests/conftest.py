@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import uuid
 from pathlib import Path
 
 import pytest
@@ -104,3 +105,46 @@ def processes_of(session: int, title: str = "") -> list[int]:
         if title in cmdline:
             found.append(int(entry.name))
     return found
+
+
+S3_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+          "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A real S3 API server (moto's) on loopback for the whole session. The endpoint reaches
+    pyarrow, boto3 and every process the tests start only through the environment
+    (``AWS_ENDPOINT_URL``), the way users point their tools at an S3-compatible store."""
+    import logging
+
+    from moto.server import ThreadedMotoServer
+
+    from ray_align.bench.common import free_port
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one log line per request otherwise
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    env = {**S3_ENV, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}"}
+    saved = {key: os.environ.get(key) for key in env}
+    os.environ.update(env)
+    try:
+        yield env
+    finally:
+        server.stop()
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+@pytest.fixture
+def s3_bucket(s3_server) -> str:
+    """A new, empty bucket on the loopback server, as an ``s3://`` URI."""
+    import boto3
+
+    name = f"ray-align-{uuid.uuid4().hex[:10]}"
+    boto3.client("s3").create_bucket(Bucket=name)
+    return f"s3://{name}"

@@ -43,10 +43,10 @@ def write_samples(ctx: Context, folder: str, samples: list[Sample], instructions
     """Mix ``samples`` with ``build.helpful_ratio`` x ``instructions`` helpful samples (the same
     ones for every method), deduplicate, tokenize, drop what exceeds the context, split into
     train and validation, and write both under ``folder``."""
-    from transformers import AutoTokenizer
+    from ray_align.generate import load_tokenizer
 
     cfg, run = ctx.config, ctx.run
-    tokenizer = AutoTokenizer.from_pretrained(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
+    tokenizer = load_tokenizer(cfg.model.path, cfg.model.trust_remote_code)
     if cfg.data.helpful.response_column is None:
         raise ValueError("data.helpful.response_column must name the column of good responses")
     helpful = load_source(cfg.data.helpful, cfg.data.max_prompt_chars, cfg.data.on_bad_row, "helpful")

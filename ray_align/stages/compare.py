@@ -22,7 +22,7 @@ from ray_align import prompts
 from ray_align.baselines import SAMPLES, inference_prompt, trained_model_of
 from ray_align.config import Config
 from ray_align.pipeline import Context, Stage, StageOutput, labelled, manifest, run_stage
-from ray_align.stages import STAGES
+from ray_align.stages import GENERATION_SCRATCH, STAGES, TRAIN_SCRATCH
 from ray_align.stages.baselines import baselines
 from ray_align.stages.build import write_samples
 from ray_align.stages.evaluate import ANSWER_SCHEMA, answer_all, held_out_sets
@@ -63,7 +63,7 @@ def method_stages(method: str) -> tuple[Stage, Stage]:
     return (Stage(f"{folder}build", BUILD_SECTIONS, ("analyze", "baselines"),
                   functools.partial(_build_method, method)),
             Stage(f"{folder}train", ("model", "train"), (f"{folder}build",),
-                  functools.partial(_train_method, method)))
+                  functools.partial(_train_method, method), TRAIN_SCRATCH))
 
 
 def attack_items(harmful: list[dict], attacks: list[str], limit: int) -> list[dict]:
@@ -121,9 +121,11 @@ def compare_judge(ctx: Context) -> StageOutput:
 
 COMPARE_EVALUATE = Stage("compare/evaluate", ("model", "engine", "evaluate", "compare.methods",
                                               "compare.attacks", "compare.attack_limit"),
-                         (), compare_evaluate)
-COMPARE_JUDGE = Stage("compare/judge", ("compare",), ("compare/evaluate",), compare_judge)
-BASELINES = Stage("baselines", ("model", "engine", "compare.sampling"), ("induce",), baselines)
+                         (), compare_evaluate, GENERATION_SCRATCH)
+COMPARE_JUDGE = Stage("compare/judge", ("compare",), ("compare/evaluate",), compare_judge,
+                      GENERATION_SCRATCH)
+BASELINES = Stage("baselines", ("model", "engine", "compare.sampling"), ("induce",), baselines,
+                  GENERATION_SCRATCH)
 
 
 def _budgeted(ctx: Context, steps: int | None, rows: int) -> Context:
