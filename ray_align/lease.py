@@ -62,10 +62,10 @@ def describe(lease: dict[str, Any], now: float) -> str:
 class RunLease:
     """Hold ``RUN/lease.json`` for the duration of a ``with`` block."""
 
-    def __init__(self, run: RunDir, command: str, *, force: bool = False,
+    def __init__(self, run: RunDir, command: str, *, force: bool = False, wait_s: float = 0.0,
                  heartbeat_s: float = HEARTBEAT_S, stale_after_s: float = STALE_AFTER_S,
                  settle_s: float = SETTLE_S) -> None:
-        self.run, self.force = run, force
+        self.run, self.force, self.wait_s = run, force, wait_s
         self.heartbeat_s, self.stale_after_s, self.settle_s = heartbeat_s, stale_after_s, settle_s
         self.record = {"holder": uuid.uuid4().hex, "host": socket.gethostname(), "pid": os.getpid(),
                        "command": command, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
@@ -95,9 +95,16 @@ class RunLease:
             json.dump(record, out)
         return True
 
-    def acquire(self) -> None:
-        now = time.time()
+    def acquire(self, wait_s: float = 0.0) -> None:
+        """Take the lease; a live holder's is waited on for up to ``wait_s`` (a driver that a
+        job restarts after its old one died, on another node, waits for the stale rule)."""
+        now, deadline = time.time(), time.time() + wait_s
         held = self.read()
+        while (held and not self.force and not is_stale(held, now, self.stale_after_s)
+               and now < deadline):
+            print(f"[lease] waiting for {describe(held, now)} to end", flush=True)
+            time.sleep(min(self.heartbeat_s, max(deadline - now, 0.1)))
+            now, held = time.time(), self.read()
         if held and not self.force and not is_stale(held, now, self.stale_after_s):
             raise LeaseError(
                 f"{self.run.uri} is in use by {describe(held, now)}. Wait for it to end or stop it; "
@@ -137,7 +144,7 @@ class RunLease:
                 self.run.delete(LEASE_FILE)
 
     def __enter__(self) -> RunLease:
-        self.acquire()
+        self.acquire(self.wait_s)
         return self
 
     def __exit__(self, *exc) -> None:

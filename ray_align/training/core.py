@@ -6,6 +6,8 @@ process) where Ray is absent, for example to measure it on a GPU machine.
 
 from __future__ import annotations
 
+import contextlib
+import os
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -168,22 +170,140 @@ def eval_loss(model, batches: Iterable[dict[str, torch.Tensor]], device) -> tupl
     return (total / tokens if tokens else float("nan")), tokens
 
 
-def export_model(state_dict: dict[str, torch.Tensor], base_path: str, out_dir: str, *,
-                 lora: LoraConfig | None, trust_remote_code: bool, tokenizer) -> None:
-    """Write a plain Hugging Face directory (safetensors, LoRA merged) from trained weights.
+# --- Export: a servable Hugging Face directory from the trained weights -------------------------
+#
+# Rank 0 never rebuilds an fp32 copy of the model: full fine-tuning writes the gathered state as it
+# is (cast tensor by tensor), LoRA saves the small adapter and merges it into the base loaded once
+# in the export dtype. Every file is safetensors, sharded so no shard (and no write buffer) is big.
 
-    ``state_dict`` is the full (for ZeRO-3: gathered) state of the trained module.
+DEFAULT_MAX_SHARD_SIZE = "2GB"
+_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def export_dtype(name: str, base_path: str, training_dtype: torch.dtype, *,
+                 trust_remote_code: bool = False) -> torch.dtype:
+    """The dtype the exported weights are written in: ``ModelConfig.dtype``; for ``"auto"`` the
+    base checkpoint's own dtype (what engines would load it as), else the training dtype."""
+    if name != "auto":
+        return _DTYPES[name]
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(base_path, trust_remote_code=trust_remote_code)
+    declared = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(declared, str):
+        declared = _DTYPES.get(declared)
+    return declared if declared in _DTYPES.values() else training_dtype
+
+
+def adapter_state_dict(model, zero_stage: int, rank: int) -> dict[str, torch.Tensor] | None:
+    """The trainable (LoRA adapter) parameters of a PEFT model, on the host, on rank 0 (None
+    elsewhere). Only those are gathered, never the frozen base: under ZeRO-3 every rank must call
+    this, since the adapter's shards are gathered collectively."""
+    trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    gather = contextlib.nullcontext()
+    if zero_stage == 3:
+        import deepspeed
+
+        gather = deepspeed.zero.GatheredParameters([p for _, p in trainable], modifier_rank=None)
+    with gather:
+        if rank != 0:
+            return None
+        return {name: p.detach().to("cpu", copy=True) for name, p in trainable}
+
+
+def save_adapter(peft_model, state_dict: dict[str, torch.Tensor], out_dir: str | os.PathLike) -> None:
+    """A plain PEFT adapter directory (``adapter_config.json`` + ``adapter_model.safetensors``):
+    what ``PeftModel.from_pretrained`` and vLLM's LoRA serving load. ``state_dict`` is the
+    gathered adapter (``adapter_state_dict``), so the model's own (maybe partitioned) parameters
+    are not read."""
+    peft_model.save_pretrained(str(out_dir), state_dict=state_dict, safe_serialization=True,
+                               save_embedding_layers=False)
+
+
+def export_full_model(state_dict: dict[str, torch.Tensor], base_path: str, out_dir: str | os.PathLike,
+                      *, dtype: torch.dtype, tokenizer=None, trust_remote_code: bool = False,
+                      max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE) -> None:
+    """Write fully fine-tuned weights as a Hugging Face directory in ``dtype``, sharded.
+
+    The base model is not loaded again: its config builds a weightless (meta-device) skeleton
+    that only names the layout, ties embeddings and writes ``config.json``. ``state_dict`` (the
+    whole trained module, for ZeRO-3 the gathered one) is consumed: its entries are replaced one
+    by one by host copies in ``dtype`` (so the old and new copies never coexist whole) and it is
+    empty afterwards. Tied tensors stay tied, so they are written once.
     """
-    model = load_model(base_path, dtype=torch.float32, trust_remote_code=trust_remote_code, lora=lora)
-    missing, unexpected = model.load_state_dict(
-        {k: v.float() for k, v in state_dict.items()}, strict=False
-    )
-    real_missing = [k for k in missing if "lm_head" not in k]
-    if real_missing or unexpected:
-        raise RuntimeError(f"export: weights do not match the model: missing {real_missing[:5]}, "
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(base_path, trust_remote_code=trust_remote_code)
+    config.use_cache = True
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(config, dtype=dtype,
+                                                    trust_remote_code=trust_remote_code)
+    _check_keys(skeleton, state_dict)
+    _cast_to_host_(state_dict, dtype)
+    _use_base_generation_config(skeleton, base_path)
+    skeleton.save_pretrained(str(out_dir), state_dict=state_dict, max_shard_size=max_shard_size,
+                             safe_serialization=True)
+    state_dict.clear()
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(out_dir))
+
+
+def export_merged_model(base_path: str, adapter_dir: str | os.PathLike, out_dir: str | os.PathLike,
+                        *, dtype: torch.dtype, tokenizer=None, trust_remote_code: bool = False,
+                        max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE) -> None:
+    """Write base + LoRA adapter, merged, as a plain Hugging Face directory in ``dtype``, sharded.
+
+    The base is loaded once, directly in ``dtype`` (no fp32 copy of it); the adapter is applied
+    and folded into its linear layers in place (``W += B @ A * alpha / r``, each delta computed in
+    the adapter's precision), then written. The base is frozen in LoRA training, so the weights
+    on disk are exactly the ones that were trained against.
+    """
+    from peft import PeftModel
+
+    base = load_model(base_path, dtype=dtype, trust_remote_code=trust_remote_code)
+    merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
+    merged.config.use_cache = True
+    merged.save_pretrained(str(out_dir), max_shard_size=max_shard_size, safe_serialization=True)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(out_dir))
+
+
+def _check_keys(skeleton, state_dict: dict[str, torch.Tensor]) -> None:
+    """Fail before writing anything if the weights do not fit the model's layout. A missing key
+    is fine only when its parameter is tied to one that is present (lm_head to embed_tokens)."""
+    expected = set(skeleton.state_dict())
+    present = set(state_dict)
+    tied_to: dict[int, set[str]] = {}
+    for name, param in skeleton.named_parameters(remove_duplicate=False):
+        tied_to.setdefault(id(param), set()).add(name)
+    tied_present = {name for names in tied_to.values() if names & present for name in names}
+    missing = sorted(expected - present - tied_present)
+    unexpected = sorted(present - expected)
+    if missing or unexpected:
+        raise RuntimeError(f"export: weights do not match the model: missing {missing[:5]}, "
                            f"unexpected {unexpected[:5]}")
-    if lora is not None:
-        model = model.merge_and_unload()
-    model.config.use_cache = True
-    model.to(torch.bfloat16).save_pretrained(out_dir, safe_serialization=True)
-    tokenizer.save_pretrained(out_dir)
+
+
+def _cast_to_host_(state_dict: dict[str, torch.Tensor], dtype: torch.dtype) -> None:
+    """Replace each tensor in place by a CPU copy in ``dtype`` (the same tensor when it already is
+    one), so at most one tensor exists in both dtypes at a time. Entries that alias one storage
+    (tied weights) are replaced together by one copy: they stay tied, and the old one is freed."""
+    aliases: dict[tuple, list[str]] = {}
+    for name, tensor in state_dict.items():
+        if isinstance(tensor, torch.Tensor):
+            key = (tensor.device, tensor.untyped_storage().data_ptr(), tensor.storage_offset(),
+                   tuple(tensor.shape), tuple(tensor.stride()))
+            aliases.setdefault(key, []).append(name)
+    for names in aliases.values():
+        cast = state_dict[names[0]].detach().to(device="cpu", dtype=dtype)
+        for name in names:
+            state_dict[name] = cast
+
+
+def _use_base_generation_config(skeleton, base_path: str) -> None:
+    """Keep the base's generation defaults (stop tokens, sampling) rather than ones derived from
+    the model config, as a full ``from_pretrained`` of the base would."""
+    from transformers import GenerationConfig
+
+    with contextlib.suppress(OSError):  # no generation_config.json: keep the derived one
+        skeleton.generation_config = GenerationConfig.from_pretrained(base_path)

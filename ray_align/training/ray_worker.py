@@ -11,19 +11,24 @@ import math
 import os
 import tempfile
 import time
+import uuid
 from typing import Any
 
 import torch
 
 from ray_align.config import ModelConfig, TrainConfig
-from ray_align.storage import RunDir
+from ray_align.storage import RunDir, local_model_path
 from ray_align.training.core import (
+    adapter_state_dict,
     deepspeed_engine,
     eval_loss,
-    export_model,
+    export_dtype,
+    export_full_model,
+    export_merged_model,
     full_state_dict,
     load_model,
     micro_batches,
+    save_adapter,
     step_loss,
     train_step,
 )
@@ -77,13 +82,15 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     train = TrainConfig.model_validate(loop_config["train"])
     model_cfg = ModelConfig.model_validate(loop_config["model"])
+    # a base model on object storage is read from this node's copy (downloaded once)
+    model_cfg = model_cfg.model_copy(update={"path": local_model_path(model_cfg.path)})
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     torch.manual_seed(train.seed)
 
     tokenizer = AutoTokenizer.from_pretrained(model_cfg.path, trust_remote_code=model_cfg.trust_remote_code)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    dtype = torch.bfloat16 if train.precision == "bf16" else torch.float32
+    dtype = torch.bfloat16 if train.precision == "bf16" else torch.float32  # training dtype
     model = load_model(model_cfg.path, dtype=dtype, trust_remote_code=model_cfg.trust_remote_code,
                        lora=train.lora, gradient_checkpointing=train.gradient_checkpointing)
     engine = deepspeed_engine(model, train, world)
@@ -142,7 +149,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         if max_micro is not None and micro_done >= max_micro:
             break
     _export(engine, model_cfg, train, tokenizer, loop_config["run_dir"],
-            loop_config.get("folder", "train"), rank)
+            loop_config.get("folder", "train"), rank, dtype)
 
 
 def _sum_over_ranks(value: int) -> int:
@@ -152,17 +159,47 @@ def _sum_over_ranks(value: int) -> int:
     return int(total)
 
 
+def _stamp(model_dir: str) -> None:
+    """A ``hash`` file naming this export: ``ray.data.llm`` downloads an ``s3://`` / ``gs://``
+    model into a cache folder named by it, so an engine never serves an older export kept in
+    its cache under the same URI."""
+    with open(os.path.join(model_dir, "hash"), "w") as out:
+        out.write(uuid.uuid4().hex + uuid.uuid4().hex[:8])
+
+
 def _export(engine, model_cfg: ModelConfig, train: TrainConfig, tokenizer, run_dir: str,
-            folder: str, rank: int) -> None:
-    """Gather the trained weights (all ranks take part under ZeRO-3) and write the HF model."""
-    state = full_state_dict(engine, train.zero_stage, rank)
+            folder: str, rank: int, training_dtype: torch.dtype) -> None:
+    """Gather the trained weights (all ranks take part under ZeRO-3), write them on rank 0 into
+    local folders, and upload ``<folder>/model`` (and for LoRA ``<folder>/adapter``).
+
+    Full fine-tuning gathers the whole module; LoRA gathers only the adapter and merges it into
+    the base on rank 0. Each upload replaces its target file by file with the config last (no
+    folder rename: object stores have none). The old model is deleted first and uploaded last,
+    and an old adapter never outlives a full fine-tune, so a ``model/config.json`` means this
+    export is complete and any ``adapter/`` beside it is its own.
+    """
+    state = (full_state_dict(engine, train.zero_stage, rank) if train.lora is None
+             else adapter_state_dict(engine.module, train.zero_stage, rank))
     if rank != 0:
         return
+    dtype = export_dtype(model_cfg.dtype, model_cfg.path, training_dtype,
+                         trust_remote_code=model_cfg.trust_remote_code)
+    run = RunDir(run_dir)
+    run.delete(folder, "model")
+    run.delete(folder, "adapter")
     with tempfile.TemporaryDirectory() as staging:
-        export_model(state, model_cfg.path, staging, lora=train.lora,
-                     trust_remote_code=model_cfg.trust_remote_code, tokenizer=tokenizer)
-        RunDir(run_dir).upload_dir(staging, folder, "model.tmp")
-    target = RunDir(run_dir)
-    target.delete(folder, "model")
-    target.fs.move(target.path(folder, "model.tmp"), target.path(folder, "model"))
-    print(f"[{folder}] exported {target.uri_of(folder, 'model')}", flush=True)
+        model_dir = os.path.join(staging, "model")
+        if train.lora is None:
+            export_full_model(state, model_cfg.path, model_dir, dtype=dtype, tokenizer=tokenizer,
+                              trust_remote_code=model_cfg.trust_remote_code)
+        else:
+            adapter_dir = os.path.join(staging, "adapter")
+            save_adapter(engine.module, state, adapter_dir)
+            export_merged_model(model_cfg.path, adapter_dir, model_dir, dtype=dtype,
+                                tokenizer=tokenizer, trust_remote_code=model_cfg.trust_remote_code)
+            run.upload_dir(adapter_dir, folder, "adapter")
+            print(f"[{folder}] exported LoRA adapter {run.uri_of(folder, 'adapter')}", flush=True)
+        _stamp(model_dir)
+        run.upload_dir(model_dir, folder, "model")
+        print(f"[{folder}] exported model ({str(dtype).removeprefix('torch.')}) "
+              f"{run.uri_of(folder, 'model')}", flush=True)
