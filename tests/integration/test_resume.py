@@ -1,10 +1,11 @@
-"""Interrupt a run in the middle of a stage (SIGKILL of the driver's process group), rerun it on
-the same run directory, and check that every row is there exactly once; then the same in the
-middle of training: the rerun continues from the last checkpoint's step, not from 0."""
+"""A whole ``ray-align run`` with its run directory on a real S3 API server (moto, loopback):
+interrupted in the middle of a stage (SIGKILL of the driver's process group) and rerun, every
+row is there exactly once; interrupted in the middle of training, the rerun continues from the
+last Ray Train checkpoint (on S3) at its step, not from 0; the model is exported to S3 and the
+evaluation serves it from there on vLLM. Execution settings changed between runs redo nothing."""
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -16,6 +17,7 @@ import pytest
 
 from ray_align.config import load_config
 from ray_align.stages.train import total_steps
+from ray_align.storage import RunDir
 from tests.conftest import REPO, ray_align_env, tiny_config
 
 pytestmark = pytest.mark.integration
@@ -35,54 +37,63 @@ def kill_group(process: subprocess.Popen) -> None:
         time.sleep(0.5)
 
 
-def test_interrupted_induce_resumes_without_loss_or_duplicates(tiny_model, tmp_path):
+def test_run_on_s3_resumes_induce_and_training_then_serves_the_exported_model(
+        tiny_model, tmp_path, s3_bucket):
     rows = 24
-    config = tiny_config(tmp_path, tiny_model, harmful=rows, **{
+    uri = f"{s3_bucket}/runs/resume"
+    config = tiny_config(tmp_path, tiny_model, harmful=rows, run_dir=uri, **{
         "engine.batch_size": 4, "engine.shard_rows": 4, "engine.max_concurrent_batches": 1,
         "induce.max_tokens": 48, "train.checkpoint_every_steps": 2, "train.micro_batch_size": 1})
-    parts = tmp_path / "run" / "induce" / "parts"
+    run = RunDir(uri)
     cmd = [sys.executable, "-m", "ray_align.cli", "run", str(config), "--until", "induce"]
     first = subprocess.Popen(cmd, cwd=REPO, env=ray_align_env(), start_new_session=True,
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 600
     while time.time() < deadline and first.poll() is None:
-        if parts.exists() and any(p.suffix == ".parquet" for p in parts.iterdir()):
+        if run.list_files("induce", "parts", suffix=".parquet"):
             break
         time.sleep(0.5)
     assert first.poll() is None, "the run ended before it could be interrupted"
     kill_group(first)
-    written = pq.read_table(parts).num_rows
+    written = run.read_tables("induce", "parts").num_rows
     print(f"interrupted after {written} of {2 * rows} generations")
     assert 0 < written < 2 * rows
 
-    # The rerun resumes induce, then goes on through training, and is killed after a
-    # mid-epoch checkpoint; the next run continues from that step and ends at the step count
-    # of an uninterrupted run.
+    # The rerun resumes induce (the dead driver's lease is stale: its pid is gone), goes on
+    # through training, and is killed after a mid-epoch checkpoint; the next run continues from
+    # that step and ends at the step count of an uninterrupted run.
     cmd = [sys.executable, "-m", "ray_align.cli", "run", str(config), "--until", "train"]
     log = tmp_path / "second.log"
     with log.open("w") as out:
         second = subprocess.Popen(cmd, cwd=REPO, env=ray_align_env(), start_new_session=True,
                                   stdout=out, stderr=subprocess.STDOUT)
     # Ray Train records a checkpoint in this snapshot once it is fully written
-    registered = tmp_path / "run" / "train" / "ray_train" / "checkpoint_manager_snapshot.json"
     deadline = time.time() + 900
-    while time.time() < deadline and second.poll() is None and not registered.exists():
+    while (time.time() < deadline and second.poll() is None
+           and not run.exists("train", "ray_train", "checkpoint_manager_snapshot.json")):
         time.sleep(0.5)
     assert second.poll() is None, "the run ended before training could be interrupted:\n" + \
         log.read_text()[-4000:]
     kill_group(second)
     assert f"resuming: {written} done" in log.read_text()
-    keys = pq.read_table(parts).column("key").to_pylist()
+    keys = run.read_tables("induce", "parts").column("key").to_pylist()
     print(f"after resume: {len(keys)} generations, {len(set(keys))} distinct")
     assert len(keys) == len(set(keys)) == 2 * rows
-    induced = pq.read_table(tmp_path / "run" / "induce" / "data.parquet")
+    induced = run.read_table("induce", "data.parquet")
     assert induced.num_rows == rows and len(set(induced.column("id").to_pylist())) == rows
 
-    third = subprocess.run(cmd, cwd=REPO, env=ray_align_env(), capture_output=True, text=True,
-                           timeout=900, start_new_session=True)
-    assert third.returncode == 0, third.stderr[-4000:]
-    record = json.loads((tmp_path / "run" / "train" / "manifest.json").read_text())
-    train_rows = pq.read_metadata(tmp_path / "run" / "build" / "train.parquet").num_rows
+    # Only execution settings differ: finished stages are skipped, training resumes.
+    started = time.perf_counter()
+    third = subprocess.run([sys.executable, "-m", "ray_align.cli", "run", str(config),
+                            "engine.batch_size=8", "engine.shard_rows=3", "train.max_failures=1"],
+                           cwd=REPO, env=ray_align_env(), capture_output=True, text=True,
+                           timeout=1200, start_new_session=True)
+    assert third.returncode == 0, third.stdout[-3000:] + third.stderr[-4000:]
+    print(f"third run (train resumed, evaluate from S3): {time.perf_counter() - started:.0f} s")
+    for name in ("induce", "analyze", "build"):
+        assert f"[{name}] complete in an earlier run: skipped" in third.stdout
+    record = run.read_json("train", "manifest.json")
+    train_rows = pq.read_metadata(run.path("build", "train.parquet"), filesystem=run.fs).num_rows
     expected = total_steps(load_config(str(config)).train, train_rows)
     metrics = record["metrics"]
     print(f"train: driver killed after a checkpoint; rerun resumed from step "
@@ -90,3 +101,19 @@ def test_interrupted_induce_resumes_without_loss_or_duplicates(tiny_model, tmp_p
     assert record["status"] == "complete"
     assert 0 < metrics["resumed_from_step"] < expected
     assert metrics["global_step"] == expected
+
+    # the export on S3: a merged model and the LoRA adapter, nothing half-written or renamed
+    files = run.walk()
+    print(f"{len(files)} objects in the run directory")
+    assert not [f for f in files if ".tmp" in f], "temporary objects were left behind"
+    model = run.walk("train", "model")
+    assert "config.json" in model and any(f.endswith(".safetensors") for f in model)
+    assert "adapter_config.json" in run.walk("train", "adapter")
+    assert not run.exists("lease.json")  # released at the end of each run
+    # vLLM served the exported model from S3 in the evaluation
+    answers = run.read_table("evaluate", "answers.parquet").to_pylist()
+    assert {a["variant"] for a in answers} == {"base", "aligned", "aligned+reminder"}
+    assert all(isinstance(a["answer"], str) for a in answers)
+    summary = run.read_json("summary.json")
+    assert summary["model_dir"] == run.uri_of("train", "model")
+    assert [s["status"] for s in summary["stages"].values()] == ["complete"] * 5
