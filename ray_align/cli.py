@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import re
 import sys
+import traceback
+from collections.abc import Iterator
 
 STAGE_ORDER = ["induce", "analyze", "build", "train", "evaluate"]
 
@@ -23,6 +27,15 @@ def _add_config_args(parser: argparse.ArgumentParser, run_dir_required: bool = F
                         help="dotted config overrides, e.g. train.epochs=2 engine.pool=[1,2]")
 
 
+def _add_lease_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--force", action="store_true",
+                        help="take the run directory over from the driver that holds it (RUN/lease.json); "
+                             "that driver stops at its next heartbeat")
+    parser.add_argument("--wait-lease", type=float, default=0.0, metavar="SECONDS",
+                        help="wait up to this long for the driver holding the run directory to end "
+                             "or go stale (default: refuse at once)")
+
+
 def _add_address(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--address", help="the cluster's job server, e.g. http://HEAD:8265 "
                                           "(default: $RAY_ADDRESS, else http://127.0.0.1:8265)")
@@ -32,12 +45,17 @@ def _jobs_command(args) -> int:
     from pathlib import Path
 
     from ray_align import submit
+    from ray_align.config import ConfigError
 
     if args.command == "submit":
         if args.until and args.compare:
             raise SystemExit("ray-align submit: --until stops the pipeline; it has no meaning "
                              "with --compare")
         _load(args)  # a bad config fails here, not on the cluster
+        try:
+            submit.runtime_env(args.env, args.pip, Path.cwd())  # an unset --env NAME, too
+        except ValueError as exc:
+            raise ConfigError(f"{exc}: export it first, or drop --env") from exc
         return submit.submit(args.config, list(args.overrides), address=args.address,
                              run_dir=args.run_dir, env_names=args.env, pip=args.pip,
                              wait=not args.no_wait, working_dir=Path.cwd(),
@@ -56,6 +74,8 @@ def _jobs_command(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ray-align", description=DESCRIPTION,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--debug", action="store_true",
+                        help="on an error, show the full traceback (else one line says what failed)")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     run = commands.add_parser(
@@ -64,11 +84,13 @@ def build_parser() -> argparse.ArgumentParser:
                     "run directory skips finished stages and resumes an interrupted one.")
     _add_config_args(run)
     run.add_argument("--until", choices=STAGE_ORDER, help="stop after this stage")
+    _add_lease_args(run)
 
     stage = commands.add_parser(
         "stage", help="run one stage", description="Run one stage; its inputs must be complete.")
     stage.add_argument("name", choices=STAGE_ORDER, help="the stage to run")
     _add_config_args(stage, run_dir_required=True)
+    _add_lease_args(stage)
 
     check = commands.add_parser("check", help="validate a config and print it resolved",
                                 description="Validate a config (and overrides) without running.")
@@ -109,6 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "RUN/compare/compare.md, compare.json and compare.png. Shares the run "
                     "directory with `ray-align run`: finished stages are reused.")
     _add_config_args(compare)
+    _add_lease_args(compare)
 
     bench = commands.add_parser(
         "bench", help="benchmark ray_align against the raw engines (generation, training, scale)",
@@ -141,6 +164,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "the offline judge trained on it. Stored under "
                     "$RAY_ALIGN_ASSETS or ~/.cache/ray_align/assets.")
     assets.add_argument("--force", action="store_true", help="prepare again even if present")
+    for sub in commands.choices.values():  # `ray-align run --debug ...` as well as `--debug run`
+        sub.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                         help="on an error, show the full traceback")
     return parser
 
 
@@ -173,32 +199,68 @@ def _resolve_paths(config) -> None:
             raise ConfigError(f"{key}.path: {model.path} has no tokenizer files")
 
 
-def run_pipeline(config, names: list[str]) -> dict:
-    from ray_align.pipeline import Context, format_summary, run_stage, summarize
+@contextlib.contextmanager
+def holding_run_dir(run, args) -> Iterator[None]:
+    """Hold the run directory's lease (one driver at a time) while a run command works on it."""
+    from ray_align.lease import LeaseError, RunLease
+
+    what = " ".join(filter(None, ["ray-align", args.command, getattr(args, "name", None), args.config]))
+    lease = RunLease(run, what, force=getattr(args, "force", False),
+                     wait_s=getattr(args, "wait_lease", 0.0) or 0.0)
+    with lease:
+        try:
+            yield
+        except KeyboardInterrupt:
+            if lease.lost:
+                raise LeaseError(f"stopped: {run.uri} was taken over by {lease.lost}") from None
+            raise
+
+
+def _summarize_after(ctx, names: list[str], failed: bool):
+    """Write and print the run summary; when a stage already failed, a summary that cannot be
+    written (the storage is what failed) must not hide that first error."""
+    from ray_align.pipeline import format_summary, summarize
+
+    try:
+        summary = summarize(ctx.run, names)
+    except Exception:
+        if failed:
+            return None
+        raise
+    print(format_summary(summary), flush=True)
+    return summary
+
+
+def run_pipeline(config, names: list[str], args: argparse.Namespace) -> dict | None:
+    from ray_align.pipeline import Context, run_stage
     from ray_align.stages import STAGES
     from ray_align.storage import RunDir
 
     ctx = Context(config=config, run=RunDir(config.run_dir))
-    try:
-        for name in names:
-            run_stage(ctx, STAGES[name])
-    finally:
-        summary = summarize(ctx.run, STAGE_ORDER)
-        print(format_summary(summary), flush=True)
+    with holding_run_dir(ctx.run, args):
+        failed = True
+        try:
+            for name in names:
+                run_stage(ctx, STAGES[name])
+            failed = False
+        finally:
+            summary = _summarize_after(ctx, STAGE_ORDER, failed)
     return summary
 
 
-def run_comparison(config) -> None:
-    from ray_align.pipeline import Context, format_summary, summarize
+def run_comparison(config, args: argparse.Namespace) -> None:
+    from ray_align.pipeline import Context
     from ray_align.stages.compare import compare_plan, run_compare
     from ray_align.storage import RunDir
 
     ctx = Context(config=config, run=RunDir(config.run_dir))
-    try:
-        run_compare(ctx)
-    finally:
-        names = [stage.name for stage in compare_plan(config)]
-        print(format_summary(summarize(ctx.run, names)), flush=True)
+    with holding_run_dir(ctx.run, args):
+        failed = True
+        try:
+            run_compare(ctx)
+            failed = False
+        finally:
+            _summarize_after(ctx, [stage.name for stage in compare_plan(config)], failed)
     report = ctx.run.read_bytes("compare", "compare.md").decode()
     print("\n" + report.split("\n## ", 1)[0].split("\n![", 1)[0].strip())
     print(f"\nreport: {ctx.run.uri_of('compare', 'compare.md')} (chart: compare.png, numbers: "
@@ -240,46 +302,109 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def _ray_address(args, config) -> str | None:
+    """The cluster a run command joins: ``ray.address``, else $RAY_ADDRESS (a submitted job's),
+    else None (a new local Ray). ``bench`` starts its own Ray, so only $RAY_ADDRESS counts there."""
+    configured = None if args.command == "bench" else config.ray.address
+    return configured or os.environ.get("RAY_ADDRESS") or None
+
+
+def _run_command(args, cluster: dict[str, str | None]) -> int:
+    """Dispatch a parsed command line; ``cluster["address"]`` records the Ray address in use so
+    that an error can name it."""
+    if args.command == "assets":
+        from ray_align.assets import prepare_all
+
+        for name, path in prepare_all(force=args.force).items():
+            print(f"{name}: {path}")
+        return 0
+    if args.command in ("submit", "status", "logs"):
+        from ray_align.submit import resolve_address
+
+        cluster["address"] = resolve_address(args.address)
+        return _jobs_command(args)
+    if args.command == "bench":
+        args.run_dir = None
+    config = _load(args)
+    _resolve_paths(config)
+    if args.command == "check":
+        print(config.model_dump_json(indent=2))
+        return 0
+    cluster["address"] = _ray_address(args, config)
+    address = cluster["address"]
+    if address and ("://" not in address or address.startswith("ray://")):
+        from ray_align.submit import check_reachable
+
+        check_reachable(address, gcs=True)  # else ray.init retries an absent GCS for minutes
+    if args.command == "bench":
+        return _bench(args, config)
+    if args.command == "stage":
+        run_pipeline(config, [args.name], args)
+        return 0
+    if args.command == "compare":
+        run_comparison(config, args)
+        return 0
+    stop = STAGE_ORDER.index(args.until) + 1 if args.until else len(STAGE_ORDER)
+    run_pipeline(config, STAGE_ORDER[:stop], args)
+    return 0
+
+
+def _innermost(exc: BaseException) -> BaseException:
+    """The original exception inside Ray's task-error wrappers (whose own text is a traceback)."""
+    while isinstance(getattr(exc, "cause", None), BaseException) and exc.cause is not exc:
+        exc = exc.cause
+    return exc
+
+
+def _error_line(exc: BaseException, own: bool, address: str | None, debug: bool) -> str:
+    """The one line an error gets: the outside world's failure explained (errors.describe), a
+    project error's own message, or the type and first line of anything else."""
+    from ray_align.errors import describe, one_line
+
+    line = describe(exc, address=address)
+    if line and own:
+        uri = re.search(r"\b(?:s3|gs)://[^\s:;,()']+", str(exc))  # which file, when it says
+        if uri and uri.group(0) not in line:
+            line = f"{uri.group(0)}: {line}"
+    if line:
+        return line
+    if own:
+        return str(exc)
+    inner = _innermost(exc)
+    text = one_line(str(inner))
+    where = "" if debug else " (rerun with --debug for the traceback)"
+    return f"{type(inner).__name__}: {text}{where}" if text else f"{type(inner).__name__}{where}"
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run the command; every error ends in one line on stderr and exit code 2 (130 on Ctrl-C),
+    with the traceback above it under ``--debug``."""
     args = parse(argv)
+    debug = bool(getattr(args, "debug", False))
     from ray_align.assets import AssetError
     from ray_align.bench.common import BenchError
     from ray_align.config import ConfigError
     from ray_align.generate import GenerationError
+    from ray_align.lease import LeaseError
     from ray_align.pipeline import StageError
     from ray_align.sources import DataError
     from ray_align.storage import StorageError
 
+    own = (ConfigError, DataError, StorageError, AssetError, GenerationError, StageError, BenchError,
+           LeaseError)
+    cluster: dict[str, str | None] = {"address": None}
     try:
-        if args.command == "assets":
-            from ray_align.assets import prepare_all
-
-            for name, path in prepare_all(force=args.force).items():
-                print(f"{name}: {path}")
-            return 0
-        if args.command in ("submit", "status", "logs"):
-            return _jobs_command(args)
-        if args.command == "bench":
-            args.run_dir = None
-        config = _load(args)
-        _resolve_paths(config)
-        if args.command == "bench":
-            return _bench(args, config)
-        if args.command == "check":
-            print(config.model_dump_json(indent=2))
-            return 0
-        if args.command == "stage":
-            run_pipeline(config, [args.name])
-            return 0
-        if args.command == "compare":
-            run_comparison(config)
-            return 0
-        stop = STAGE_ORDER.index(args.until) + 1 if args.until else len(STAGE_ORDER)
-        run_pipeline(config, STAGE_ORDER[:stop])
-        return 0
-    except (ConfigError, DataError, StorageError, AssetError, GenerationError, StageError,
-            BenchError) as exc:
-        print(f"ray-align: error: {exc}", file=sys.stderr)
+        return _run_command(args, cluster)
+    except KeyboardInterrupt:
+        if debug:
+            traceback.print_exc()
+        print("ray-align: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        if debug:
+            traceback.print_exc()
+        line = _error_line(exc, isinstance(exc, own), cluster["address"], debug)
+        print(f"ray-align: error: {line}", file=sys.stderr, flush=True)
         return 2
 
 

@@ -15,12 +15,16 @@ import json
 import os
 import uuid
 from collections.abc import Callable
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
+
+
+GCS_RETRY_S = 60
 
 
 class StorageError(RuntimeError):
@@ -34,7 +38,10 @@ class RunDir:
         if "://" not in uri:
             uri = str(Path(uri).expanduser().resolve())
         self.uri = uri.rstrip("/")
-        self.fs, self.root = pafs.FileSystem.from_uri(self.uri if "://" in self.uri else self.uri)
+        self.fs, self.root = pafs.FileSystem.from_uri(self.uri)
+        if isinstance(self.fs, pafs.GcsFileSystem):
+            # pyarrow's default retries a GCS call without usable credentials for many minutes
+            self.fs = pafs.GcsFileSystem(retry_time_limit=timedelta(seconds=GCS_RETRY_S))
         self.is_local = isinstance(self.fs, pafs.LocalFileSystem)
 
     def path(self, *parts: str) -> str:
@@ -127,11 +134,13 @@ class RunDir:
         """Read one Parquet file; a truncated or corrupt file raises StorageError naming it."""
         try:
             return pq.read_table(self.path(*parts), filesystem=self.fs)
-        except (OSError, pa.ArrowInvalid) as exc:
+        except pa.ArrowInvalid as exc:
             raise StorageError(
                 f"{self.uri_of(*parts)} is not a readable Parquet file ({exc}); "
                 "delete it to regenerate it"
             ) from exc
+        except OSError as exc:  # the storage itself: unreachable, access denied
+            raise StorageError(f"cannot read {self.uri_of(*parts)}: {exc}") from exc
 
     def read_tables(self, *parts: str) -> pa.Table | None:
         """Concatenate every Parquet file of a folder, in name order; None if there is none."""

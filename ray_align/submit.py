@@ -9,18 +9,57 @@ from __future__ import annotations
 import asyncio
 import os
 import shlex
+import socket
 import sys
 import time
 from pathlib import Path
 
 EXIT_CODES = {"SUCCEEDED": 0, "FAILED": 1, "STOPPED": 3}
+DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 EXCLUDES = [".git", ".venv", "runs", "**/__pycache__", "*.egg-info", ".pytest_cache", ".ruff_cache"]
 
 
+def resolve_address(address: str | None) -> str:
+    """The job server this command talks to: ``--address``, else $RAY_API_SERVER_ADDRESS or
+    $RAY_ADDRESS (Ray's own variables), else the local default."""
+    return (address or os.environ.get("RAY_API_SERVER_ADDRESS") or os.environ.get("RAY_ADDRESS")
+            or DEFAULT_ADDRESS)
+
+
+def check_reachable(address: str, timeout_s: float = 5.0, *, gcs: bool = False) -> None:
+    """Fail in seconds, with ConnectionError naming ``address``, when nothing listens there
+    (``gcs``: the address is a cluster's GCS, as ``ray.init`` takes, not its job server).
+
+    Without it an address that refuses or drops connections costs minutes: Ray's job client
+    sends its HTTP requests without a timeout, and a bare ``HOST:PORT`` (taken for a GCS address)
+    or ``ray.init`` retries the GCS for 40 s to minutes while printing warnings."""
+    scheme, _, rest = address.rpartition("://")
+    hostport = rest.split("/", 1)[0].rsplit("@", 1)[-1]
+    host, colon, port = hostport.rpartition(":")
+    if not colon or not port.isdigit():
+        host, port = hostport, {"https": "443", "http": "80"}.get(scheme, "")
+    if not host or not port:
+        return  # not a HOST:PORT form ("auto", a module address): leave it to Ray
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
+    except OSError as exc:
+        what = "No Ray cluster (GCS) answers at" if gcs else "Failed to connect to Ray at address:"
+        raise ConnectionError(f"{what} {address}.") from exc
+
+
 def client(address: str | None):
+    """A job client for ``address`` (see resolve_address). An explicit ``--address`` wins:
+    Ray's client would otherwise replace it with $RAY_ADDRESS whenever that is set."""
     from ray.job_submission import JobSubmissionClient
 
-    return JobSubmissionClient(address or os.environ.get("RAY_ADDRESS") or "http://127.0.0.1:8265")
+    target = resolve_address(address)
+    check_reachable(target)
+    hidden = {name: os.environ.pop(name) for name in ("RAY_API_SERVER_ADDRESS", "RAY_ADDRESS")
+              if name in os.environ}
+    try:
+        return JobSubmissionClient(target)
+    finally:
+        os.environ.update(hidden)
 
 
 def runtime_env(env_names: list[str], pip: list[str], working_dir: Path) -> dict:

@@ -1,4 +1,4 @@
-"""The KubeRay manifests against the real KubeRay v1.7.0 CRD schemas (shared/schemas), with
+"""The KubeRay manifests against the real KubeRay v1.7.0 CRD schemas (vendored in tests/schemas), with
 unknown fields rejected as ``kubectl apply --validate=strict`` would."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parents[2]
-SCHEMAS = REPO.parent / "shared" / "schemas" / "kuberay-v1.7.0"
+SCHEMAS = REPO / "tests" / "schemas" / "kuberay-v1.7.0"  # KubeRay's files, Apache-2.0 (LICENSE there)
 MANIFESTS = {"RayCluster": "ray.io_rayclusters.yaml", "RayJob": "ray.io_rayjobs.yaml"}
 
 

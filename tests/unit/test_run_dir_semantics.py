@@ -171,3 +171,21 @@ def test_a_model_on_object_storage_is_downloaded_once_for_transformers(tiny_mode
     assert local_model_path(uri) == full  # cached
     RunDir(uri).write_bytes(b"{}", "extra_config.json")  # the model changed at the same URI
     assert local_model_path(uri) != full
+
+
+def test_run_on_a_busy_run_directory_is_refused_in_one_line(run_uri, capsys):
+    from ray_align.cli import main
+
+    holder = RunLease(RunDir(run_uri), "ray-align run other.yaml", settle_s=0.1)
+    holder.acquire()  # a live driver of this machine (this test's process)
+    try:
+        for command in (["run", str(QUICKSTART)], ["compare", str(QUICKSTART)],
+                        ["stage", "induce", str(QUICKSTART)]):
+            assert main([*command, "--run-dir", run_uri]) == 2
+            lines = capsys.readouterr().err.strip().splitlines()
+            assert len(lines) == 1 and "Traceback" not in lines[0]
+            assert f"{run_uri} is in use by ray-align run other.yaml (pid {os.getpid()}" in lines[0]
+            assert "--force" in lines[0]
+    finally:
+        holder.release()
+    assert not RunDir(run_uri).exists("induce")  # nothing ran
