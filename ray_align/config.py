@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
@@ -189,32 +190,77 @@ METHODS: tuple[str, ...] = MethodName.__args__  # the paper's table, in its orde
 AttackName = Literal["goal_hijacking", "role_play", "reverse_exposure"]
 
 
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+# A key pasted where its variable's name goes must not be echoed back: the models that can hold
+# the judge's settings leave the input out of their validation errors (the outermost one decides).
+_SECRET_SAFE = ConfigDict(hide_input_in_errors=True)  # merged with _Strict's
+
+
+class HttpJudgeConfig(_Strict):
+    """Where and how to ask a hosted judge. Holds the key's variable name, never the key."""
+
+    model_config = _SECRET_SAFE
+    # How requests are sent, not what the judge answers: changing one never redoes the judging.
+    EXECUTION: ClassVar[frozenset[str]] = frozenset({
+        "concurrency", "batch_size", "max_retries", "retry_wait_s", "qps", "timeout_s"})
+
+    url: str = Field(description="The full chat-completions URL, e.g. https://HOST/v1/chat/completions.")
+    model: str = Field(min_length=1, description="The judge model's name at that endpoint.")
+    api_key_env: str | None = Field(
+        "OPENAI_API_KEY", description="NAME of the environment variable holding the API key; "
+        "null sends no Authorization header (a local server).")
+    concurrency: int = Field(1, ge=1, description="HTTP actors (Ray autoscales from 1 to this).")
+    batch_size: int = Field(8, ge=1, description="Rows per batch; an actor sends a batch's rows in turn.")
+    max_retries: int = Field(3, ge=0, description="Retries of a failed request before its error is kept.")
+    retry_wait_s: float = Field(1.0, ge=0, description="First backoff; doubles on each retry.")
+    qps: int | None = Field(None, ge=1, description="Requests per second, per HTTP actor (Ray's pacing).")
+    timeout_s: float = Field(60.0, gt=0, description="Per attempt, connection to last byte.")
+    max_tokens: int = Field(512, ge=1)
+    temperature: float = Field(0.0, ge=0)
+
+    @field_validator("url")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        if not value.startswith(("http://", "https://")):
+            raise ValueError(f"must start with http:// or https:// (got {value[:40]!r})")
+        return value
+
+    @field_validator("api_key_env")
+    @classmethod
+    def _variable_name(cls, value: str | None) -> str | None:
+        if value is not None and not _ENV_NAME.match(value):
+            # Most likely the key itself was pasted here: do not echo it back.
+            raise ValueError("must be the NAME of an environment variable (letters, digits, _), "
+                             "not the key itself")
+        return value
+
+
 class JudgeConfig(_Strict):
     """Who scores the answers: ``offline`` (embedded MiniLM classifiers, no big model needed),
     ``llm`` (a model on the engines: a guard or a strong instruct model) or ``http`` (an
     OpenAI-compatible endpoint, as the paper judged with GPT-4)."""
 
+    model_config = _SECRET_SAFE
+
     kind: Literal["offline", "llm", "http"] = "offline"
     model: ModelConfig | None = Field(None, description="kind llm: the judge model.")
     sampling: SamplingConfig = SamplingConfig(max_tokens=256, temperature=0.0)
-    http: dict[str, Any] | None = Field(
+    http: HttpJudgeConfig | None = Field(
         None, description="kind http: url, model, api_key_env, concurrency, max_retries, qps...")
 
     @model_validator(mode="after")
     def _kind_settings(self) -> JudgeConfig:
         if self.kind == "llm" and self.model is None:
             raise ValueError("judge kind llm needs judge.model (path of the judge model)")
-        if self.kind == "http":
-            if self.http is None:
-                raise ValueError("judge kind http needs judge.http (url, model, api_key_env...)")
-            from ray_align.judges.http import HttpJudgeConfig
-
-            HttpJudgeConfig.model_validate(self.http)
+        if self.kind == "http" and self.http is None:
+            raise ValueError("judge kind http needs judge.http (url, model, api_key_env...)")
         return self
 
 
 class CompareConfig(_Strict):
     """``ray-align compare``: the paper's baselines on the same data and training budget."""
+
+    model_config = _SECRET_SAFE
 
     methods: list[MethodName] = Field(default_factory=lambda: list(METHODS), min_length=1)
     sampling: SamplingConfig = Field(
@@ -241,6 +287,8 @@ class RayConfig(_Strict):
 
 
 class Config(_Strict):
+    model_config = _SECRET_SAFE
+
     run_dir: str = Field(description="Local path, s3:// or gs:// URI for every stage's output.")
     model: ModelConfig
     data: DataConfig

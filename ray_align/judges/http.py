@@ -26,15 +26,14 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import re
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
 import pyarrow as pa
-from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from ray_align.generate import LIGHT_CPU, REQUEST_SCHEMA, make_requests
+from ray_align.config import HttpJudgeConfig
+from ray_align.generate import LIGHT_CPU, REQUEST_SCHEMA
 from ray_align.judges.verdicts import TASKS, JudgeTask, parse_verdict
 
 RETRYABLE_STATUS = frozenset({408, 429, 500, 502, 503, 504})
@@ -52,48 +51,9 @@ VERDICT_SCHEMA = pa.schema([
     ("attempts", pa.int64()),
 ])
 
-_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-
 
 class JudgeConfigError(ValueError):
     """A judge setting a user must fix; the message names the setting or variable."""
-
-
-class HttpJudgeConfig(BaseModel):
-    """Where and how to ask a hosted judge. Holds the key's variable name, never the key."""
-
-    # hide_input_in_errors: a key pasted into api_key_env must not be echoed by the error message.
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, hide_input_in_errors=True)
-
-    url: str = Field(description="The full chat-completions URL, e.g. https://HOST/v1/chat/completions.")
-    model: str = Field(min_length=1, description="The judge model's name at that endpoint.")
-    api_key_env: str | None = Field(
-        "OPENAI_API_KEY", description="NAME of the environment variable holding the API key; "
-        "null sends no Authorization header (a local server).")
-    concurrency: int = Field(1, ge=1, description="HTTP actors (Ray autoscales from 1 to this).")
-    batch_size: int = Field(8, ge=1, description="Rows per batch; an actor sends a batch's rows in turn.")
-    max_retries: int = Field(3, ge=0, description="Retries of a failed request before its error is kept.")
-    retry_wait_s: float = Field(1.0, ge=0, description="First backoff; doubles on each retry.")
-    qps: int | None = Field(None, ge=1, description="Requests per second, per HTTP actor (Ray's pacing).")
-    timeout_s: float = Field(60.0, gt=0, description="Per attempt, connection to last byte.")
-    max_tokens: int = Field(512, ge=1)
-    temperature: float = Field(0.0, ge=0)
-
-    @field_validator("url")
-    @classmethod
-    def _http_url(cls, value: str) -> str:
-        if not value.startswith(("http://", "https://")):
-            raise ValueError(f"must start with http:// or https:// (got {value[:40]!r})")
-        return value
-
-    @field_validator("api_key_env")
-    @classmethod
-    def _variable_name(cls, value: str | None) -> str | None:
-        if value is not None and not _ENV_NAME.match(value):
-            # Most likely the key itself was pasted here: do not echo it back.
-            raise ValueError("must be the NAME of an environment variable (letters, digits, _), "
-                             "not the key itself")
-        return value
 
 
 def api_key(config: HttpJudgeConfig) -> str | None:
@@ -326,7 +286,3 @@ def judge_http(requests: pa.Table, config: HttpJudgeConfig, task: JudgeTask) -> 
     replies = {str(row["key"]): dict(row) for row in dataset.iter_rows()}
     rows = [verdict_row(replies.get(key) or _lost_reply(key), task) for key in keys]
     return pa.Table.from_pylist(rows, schema=VERDICT_SCHEMA)
-
-
-# The judge takes the same request table as the engines: a unique key and chat messages (JSON).
-make_judge_requests = make_requests

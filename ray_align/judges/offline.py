@@ -71,15 +71,15 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-import shutil
 import time
 import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
+import pyarrow as pa
 
 from ray_align.assets import (
     ENCODER_NAME,
@@ -87,6 +87,7 @@ from ray_align.assets import (
     AssetError,
     asset_home,
     read_scorer_csv,
+    replaced_folder,
     sha256_of,
 )
 from ray_align.judges.verdicts import HARMFUL_SCORES, HARMLESS_SCORES, Verdict
@@ -489,13 +490,9 @@ def train_offline_judge(target: Path, pyrit_wheel: Path, encoder_dir: Path) -> d
                           f"out when sha256(its smallest key) % {HELD_OUT_MOD} == 0"),
         "seconds": timings,
     }
-    staging = target.with_name(target.name + ".tmp")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    np.savez(staging / "weights.npz", **arrays)
-    (staging / "judge.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
-    shutil.rmtree(target, ignore_errors=True)
-    staging.replace(target)
+    with replaced_folder(target) as staging:
+        np.savez(staging / "weights.npz", **arrays)
+        (staging / "judge.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
     return meta
 
 
@@ -595,12 +592,17 @@ class OfflineJudge:
 
 
 class OfflineJudgeBatch:
-    """Ray Data ``map_batches`` callable: adds the offline judge's columns to a batch.
+    """Ray Data ``map_batches`` callable (``batch_format="pyarrow"``, as ``scoring`` asks): adds
+    the offline judge's columns to a batch.
 
-    Takes a pyarrow Table, a pandas DataFrame or a dict of numpy arrays with ``prompt`` and
-    ``answer`` columns; returns the same kind with ``harm_probability``, ``refusal_probability``,
-    ``harmful``, ``refused`` and ``harmlessness_score`` added. Loads the judge once per actor.
+    Takes a pyarrow Table with ``prompt`` and ``answer`` columns; returns it with
+    ``harm_probability``, ``refusal_probability``, ``harmful``, ``refused`` and
+    ``harmlessness_score`` added. Loads the judge once per actor.
     """
+
+    TYPES: ClassVar[dict[str, pa.DataType]] = {
+        "harm_probability": pa.float64(), "refusal_probability": pa.float64(),
+        "harmful": pa.bool_(), "refused": pa.bool_(), "harmlessness_score": pa.int64()}
 
     def __init__(self, home: str | None = None):
         self.judge = OfflineJudge.load(Path(home) if home else None)
@@ -615,24 +617,14 @@ class OfflineJudgeBatch:
             "harmlessness_score": [to_verdict(s).score for s in scores],
         }
 
-    def __call__(self, batch: Any) -> Any:
-        if hasattr(batch, "append_column"):  # pyarrow.Table
-            import pyarrow as pa
-
-            cols = self.columns(batch.column("prompt").to_pylist(), batch.column("answer").to_pylist())
-            types = {"harm_probability": pa.float64(), "refusal_probability": pa.float64(),
-                     "harmful": pa.bool_(), "refused": pa.bool_(), "harmlessness_score": pa.int64()}
-            for name, values in cols.items():
-                batch = batch.append_column(name, pa.array(values, type=types[name]))
-            return batch
-        if hasattr(batch, "assign"):  # pandas.DataFrame
-            cols = self.columns(batch["prompt"].tolist(), batch["answer"].tolist())
-            return batch.assign(**cols)
-        cols = self.columns(["" if p is None else str(p) for p in batch["prompt"]],
-                            ["" if a is None else str(a) for a in batch["answer"]])
-        out = dict(batch)
-        out.update({name: np.asarray(values) for name, values in cols.items()})
-        return out
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        if not isinstance(batch, pa.Table):
+            raise TypeError(f"OfflineJudgeBatch takes pyarrow batches (batch_format='pyarrow'), "
+                            f"not {type(batch).__name__}")
+        cols = self.columns(batch.column("prompt").to_pylist(), batch.column("answer").to_pylist())
+        for name, values in cols.items():
+            batch = batch.append_column(name, pa.array(values, type=self.TYPES[name]))
+        return batch
 
 
 __all__ = [

@@ -172,48 +172,9 @@ def interval_note(settings: Bootstrap) -> str:
             f"resamples, seed {settings.seed}] over parsed verdicts.")
 
 
-def render_table(scores: Sequence[MethodScores], settings: Bootstrap = Bootstrap(), digits: int = 2) -> str:
-    """The comparison table in Markdown, shaped like the paper's, with a note on the intervals."""
-    header = ["method", "helpfulness", "harmlessness score", "harmless rate",
-              "helpfulness on harmful prompts"]
-    rows = [[s.method, format_estimate(s.helpfulness, digits), format_estimate(s.harmlessness_score, digits),
-             format_estimate(s.harmless_rate, digits), format_estimate(s.helpfulness_on_harmful, digits)]
-            for s in scores]
-    unparsed = ", ".join(f"{s.method} {s.unparsed}" for s in scores)
-    return (f"{markdown_table(header, rows)}\n\n{interval_note(settings)} "
-            f"Unparsed verdicts, left out: {unparsed or 'none'}.")
-
-
-def render_breakdown(groups: Sequence[GroupScores], by: Literal["category", "attack"],
-                     settings: Bootstrap = Bootstrap(), digits: int = 2) -> str:
-    """A per-category or per-attack-type table of harmlessness."""
-    header = ["method", by, "n", "harmlessness score", "harmless rate"]
-    rows = [[g.method, g.group, str(g.harmless_rate.n), format_estimate(g.harmlessness_score, digits),
-             format_estimate(g.harmless_rate, digits)] for g in groups]
-    return f"{markdown_table(header, rows)}\n\n{interval_note(settings)}"
-
-
 def truncate(text: str, max_chars: int) -> str:
     """One line of at most ``max_chars`` characters (an ellipsis marks a cut)."""
     if max_chars < 1:
         raise ValueError(f"max_chars must be at least 1, got {max_chars}")
     flat = " ".join(text.split())
     return flat if len(flat) <= max_chars else flat[: max_chars - 1] + "\u2026"
-
-
-def harmful_examples(answers: Sequence[JudgedAnswer], method: str, limit: int = 3) -> list[JudgedAnswer]:
-    """A method's answers judged harmful, the most harmful (lowest score) first."""
-    judged = [a for a in answers if a.method == method and a.harmlessness is not None
-              and a.harmlessness.parsed and a.harmlessness.harmful]
-    return sorted(judged, key=lambda a: a.harmlessness.score)[:limit]
-
-
-def render_harmful_examples(answers: Sequence[JudgedAnswer], method: str, max_chars: int = 160,
-                            limit: int = 3) -> str:
-    """A few answers judged harmful, each cut to ``max_chars`` so a report never spreads them whole."""
-    examples = harmful_examples(answers, method, limit)
-    if not examples:
-        return f"No answer of {method} was judged harmful."
-    lines = [f"Answers of {method} judged harmful (truncated to {max_chars} characters):", ""]
-    lines += [f"- score {a.harmlessness.score}: {truncate(a.response, max_chars)}" for a in examples]
-    return "\n".join(lines)

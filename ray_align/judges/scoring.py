@@ -95,9 +95,9 @@ def _llm(ctx: Context, answers: list[dict]) -> tuple[dict[tuple[str, Task], dict
 
 
 def _http(ctx: Context, answers: list[dict]) -> tuple[dict[tuple[str, Task], dict], dict]:
-    from ray_align.judges.http import HttpJudgeConfig, judge_http
+    from ray_align.judges.http import judge_http
 
-    settings = HttpJudgeConfig.model_validate(ctx.config.compare.judge.http)
+    settings = ctx.config.compare.judge.http  # validated with the config (kind http needs it)
     keys, requests = _requests(answers, "http")
     ctx.ensure_ray()
     out = {}

@@ -19,8 +19,7 @@ verdict is never guessed, defaulted, or read from numbers in the explanation.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Literal
 
 Messages = list[dict[str, str]]
@@ -190,32 +189,3 @@ def parse_verdict(text: str | None, task: JudgeTask) -> Verdict:
     if why:
         return Verdict.unparsed(why)
     return Verdict(score=score, harmful=harmful, parsed=True, reason="")
-
-
-@dataclass(frozen=True)
-class VerdictSummary:
-    """Counts and means over parsed verdicts; unparsed ones are counted, never scored."""
-
-    total: int
-    parsed: int
-    unparsed: int
-    mean_score: float | None
-    harmful_rate: float | None  # over parsed verdicts that answer yes/no
-
-    def as_dict(self) -> dict[str, int | float | None]:
-        return asdict(self)
-
-
-def summarize(verdicts: Iterable[Verdict]) -> VerdictSummary:
-    """How many verdicts parsed, their mean score and harmful rate, and how many did not parse."""
-    verdicts = list(verdicts)
-    good = [v for v in verdicts if v.parsed]
-    scores = [v.score for v in good if v.score is not None]
-    flags = [v.harmful for v in good if v.harmful is not None]
-    return VerdictSummary(
-        total=len(verdicts),
-        parsed=len(good),
-        unparsed=len(verdicts) - len(good),
-        mean_score=sum(scores) / len(scores) if scores else None,
-        harmful_rate=sum(flags) / len(flags) if flags else None,
-    )

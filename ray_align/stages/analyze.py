@@ -7,7 +7,8 @@ import pyarrow as pa
 
 from ray_align import prompts
 from ray_align.generate import generate, make_requests, results_by_id
-from ray_align.pipeline import Context, StageOutput, labelled, write_quarantine
+from ray_align.pipeline import Context, StageOutput, labelled
+from ray_align.stages.common import set_aside_short
 
 ANALYSIS_SCHEMA = pa.schema([
     ("id", pa.string()), ("instruction", pa.string()), ("category", pa.string()),
@@ -26,20 +27,12 @@ def analyze(ctx: Context) -> StageOutput:
     stats = generate(run, ("analyze", "parts"), requests, cfg.critic, cfg.engine,
                      cfg.analyze.sampling, desc="analyze")
     results = results_by_id(run, "analyze", "parts")
-    out, bad = [], []
-    for row in induced:
-        analysis = results[row["id"]]["generated_text"].strip()
-        if len(analysis) < MIN_ANALYSIS_CHARS:
-            bad.append({"source": "analyze", "row": None, "id": row["id"],
-                        "reason": f"analysis has {len(analysis)} characters"})
-            continue
-        out.append({"id": row["id"], "instruction": row["instruction"], "category": row["category"],
-                    "response": row["guided_response"], "analysis": analysis,
-                    "critic": cfg.critic.path})
-    if not out:
-        raise RuntimeError("analyze: no usable analysis was generated; see analyze/quarantine.parquet")
+    analysed = [{"id": row["id"], "instruction": row["instruction"], "category": row["category"],
+                 "response": row["guided_response"],
+                 "analysis": results[row["id"]]["generated_text"].strip(), "critic": cfg.critic.path}
+                for row in induced]
+    out, unusable = set_aside_short(run, "analyze", analysed, ("analysis",), MIN_ANALYSIS_CHARS,
+                                    "analysis")
     run.write_table(labelled(pa.Table.from_pylist(out, schema=ANALYSIS_SCHEMA), harmful=True),
                     "analyze", "data.parquet")
-    return StageOutput(len(out), "data.parquet", {
-        "unusable": write_quarantine(run, "analyze", bad), **stats.metrics(),
-    })
+    return StageOutput(len(out), "data.parquet", {"unusable": unusable, **stats.metrics()})

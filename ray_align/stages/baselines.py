@@ -8,7 +8,8 @@ import pyarrow as pa
 
 from ray_align import prompts
 from ray_align.generate import generate, make_requests, results_by_id
-from ray_align.pipeline import Context, StageOutput, labelled, write_quarantine
+from ray_align.pipeline import Context, StageOutput, labelled
+from ray_align.stages.common import set_aside_short, tokens_per_s
 
 BASELINE_SCHEMA = pa.schema([
     ("id", pa.string()), ("instruction", pa.string()), ("category", pa.string()),
@@ -38,26 +39,18 @@ def baselines(ctx: Context) -> StageOutput:
     second = generate(run, ("baselines", "parts", "revision"), revise, cfg.model, cfg.engine, sampling,
                       desc="baselines: revisions")
     revisions = results_by_id(run, "baselines", "parts", "revision")
-    out, bad = [], []
-    for r in induced:
-        row = {"id": r["id"], "instruction": r["instruction"], "category": r["category"],
-               "harmful_response": r["guided_response"], "initial_response": r["unguided_response"],
-               "harmless_response": answers[f"{r['id']}::harmless"]["generated_text"].strip(),
-               "critique": critiques[r["id"]],
-               "revision": revisions[r["id"]]["generated_text"].strip()}
-        short = [k for k in ("harmless_response", "revision") if len(row[k]) < MIN_CHARS]
-        if short:
-            bad.append({"source": "baselines", "row": None, "id": r["id"],
-                        "reason": f"{', '.join(short)} under {MIN_CHARS} characters"})
-            continue
-        out.append(row)
-    if not out:
-        raise RuntimeError("baselines: no usable row was generated; see baselines/quarantine.parquet")
+    rows = [{"id": r["id"], "instruction": r["instruction"], "category": r["category"],
+             "harmful_response": r["guided_response"], "initial_response": r["unguided_response"],
+             "harmless_response": answers[f"{r['id']}::harmless"]["generated_text"].strip(),
+             "critique": critiques[r["id"]],
+             "revision": revisions[r["id"]]["generated_text"].strip()}
+            for r in induced]
+    out, unusable = set_aside_short(run, "baselines", rows, ("harmless_response", "revision"),
+                                    MIN_CHARS, "row")
     run.write_table(labelled(pa.Table.from_pylist(out, schema=BASELINE_SCHEMA), harmful=True),
                     "baselines", "data.parquet")
     tokens = first.output_tokens + second.output_tokens
-    seconds = first.seconds + second.seconds
     return StageOutput(len(out), "data.parquet", {
-        "unusable": write_quarantine(run, "baselines", bad), "output_tokens": tokens,
-        "tokens_per_s": round(tokens / seconds, 1) if seconds else 0.0,
+        "unusable": unusable, "output_tokens": tokens,
+        "tokens_per_s": tokens_per_s(tokens, first.seconds + second.seconds),
     })

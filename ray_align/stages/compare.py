@@ -25,6 +25,7 @@ from ray_align.pipeline import Context, Stage, StageOutput, labelled, manifest, 
 from ray_align.stages import GENERATION_SCRATCH, STAGES, TRAIN_SCRATCH
 from ray_align.stages.baselines import baselines
 from ray_align.stages.build import write_samples
+from ray_align.stages.common import tokens_per_s
 from ray_align.stages.evaluate import ANSWER_SCHEMA, answer_all, held_out_sets
 from ray_align.stages.train import total_steps, train_model
 
@@ -92,7 +93,7 @@ def compare_evaluate(ctx: Context) -> StageOutput:
     run.write_table(labelled(pa.Table.from_pylist(answers, schema=ANSWER_SCHEMA), harmful=True),
                     "compare/evaluate", "answers.parquet")
     return StageOutput(len(answers), "answers.parquet", {
-        "output_tokens": tokens, "tokens_per_s": round(tokens / seconds, 1) if seconds else 0.0,
+        "output_tokens": tokens, "tokens_per_s": tokens_per_s(tokens, seconds),
         "harmful_prompts": len(harmful), "attack_prompts": len(items) - len(harmful) - len(helpful),
         "helpful_prompts": len(helpful)})
 

@@ -13,9 +13,10 @@ from ray_align import prompts
 from ray_align.assets import asset_home
 from ray_align.config import ModelConfig
 from ray_align.generate import context_limit, generate, make_requests, results_by_id
-from ray_align.judge import is_refusal, judge_accuracy
+from ray_align.judges.refusal import is_refusal, judge_accuracy
 from ray_align.pipeline import Context, StageOutput, labelled, write_quarantine
 from ray_align.sources import load_source
+from ray_align.stages.common import tokens_per_s
 
 ANSWER_SCHEMA = pa.schema([
     ("variant", pa.string()), ("set", pa.string()), ("id", pa.string()), ("category", pa.string()),
@@ -167,5 +168,5 @@ def evaluate(ctx: Context) -> StageOutput:
     flat = {f"{v}.{k}": val for v, m in metrics.items() for k, val in m.items()
             if k in ("harmless_rate", "helpful_answer_rate", "helpful_reference_f1")}
     flat.update(judge_accuracy=judge.get("accuracy"), output_tokens=tokens,
-                tokens_per_s=round(tokens / seconds, 1) if seconds else 0.0)
+                tokens_per_s=tokens_per_s(tokens, seconds))
     return StageOutput(len(answers), "answers.parquet", flat)

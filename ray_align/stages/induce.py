@@ -7,7 +7,7 @@ import pyarrow as pa
 
 from ray_align import prompts
 from ray_align.generate import context_limit, generate, make_requests, results_by_id
-from ray_align.judge import is_refusal
+from ray_align.judges.refusal import is_refusal
 from ray_align.pipeline import Context, StageOutput, labelled, write_quarantine
 from ray_align.sources import load_source
 
@@ -42,9 +42,11 @@ def induce(ctx: Context) -> StageOutput:
                     "unguided_response": unguided, "unguided_refused": is_refusal(unguided)})
     table = labelled(pa.Table.from_pylist(out, schema=INDUCED_SCHEMA), harmful=True)
     run.write_table(table, "induce", "data.parquet")
-    natural = sum(not r["unguided_refused"] for r in out)
+    # Unguided answers the refusal detector does not call refusals: a proxy, not judged mistakes.
+    unguided_answered = sum(not r["unguided_refused"] for r in out)
     guided_refused = sum(is_refusal(r["guided_response"]) for r in out)
     return StageOutput(len(out), "data.parquet", {
         "quarantined": quarantined, **stats.metrics(),
-        "natural_mistake_rate": natural / len(out), "guided_refusal_rate": guided_refused / len(out),
+        "unguided_non_refusal_rate": unguided_answered / len(out),
+        "guided_refusal_rate": guided_refused / len(out),
     })

@@ -9,7 +9,9 @@ import json
 
 import pytest
 
-from ray_align.judges.http import VERDICT_SCHEMA, HttpJudgeConfig, judge_http, make_judge_requests
+from ray_align.config import HttpJudgeConfig
+from ray_align.generate import make_requests
+from ray_align.judges.http import VERDICT_SCHEMA, judge_http
 from ray_align.judges.verdicts import harmlessness_messages
 from tests.unit.test_judges import FakeChatServer, case_marker
 
@@ -40,7 +42,7 @@ def test_http_judge_returns_one_verdict_per_row(local_ray, monkeypatch):
         config = HttpJudgeConfig(url=server.url, model="judge", api_key_env=KEY_ENV, concurrency=2,
                                  batch_size=3, max_retries=2, retry_wait_s=0.05, qps=50, timeout_s=20,
                                  max_tokens=64)
-        table = judge_http(make_judge_requests(keys, messages), config, "harmlessness")
+        table = judge_http(make_requests(keys, messages), config, "harmlessness")
 
     assert table.schema == VERDICT_SCHEMA
     assert table.column("key").to_pylist() == keys  # every row once, in the request order

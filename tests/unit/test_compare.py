@@ -95,6 +95,9 @@ def test_baselines_generate_harmless_answers_critiques_then_revisions(ctx, monke
     out = baseline_stage.baselines(ctx)
     rows = ctx.run.read_table("baselines", "data.parquet").to_pylist()
     assert out.rows == 5 and out.metrics["unusable"] == 1 and "h2" not in {r["id"] for r in rows}
+    assert ctx.run.read_table("baselines", "quarantine.parquet").to_pylist() == [
+        {"source": "baselines", "row": None, "id": "h2", "reason": "revision has 5 characters (under 20)"}]
+    assert out.metrics["tokens_per_s"] == 27.0  # (36 + 18) stand-in tokens over 1 s + 1 s
     assert rows[0]["harmful_response"] == "Sure, here is how"
     assert rows[0]["critique"] == "critique of h0"
 

@@ -1,6 +1,6 @@
 from pathlib import Path
 
-from ray_align.config import load_config
+from ray_align.config import HttpJudgeConfig, load_config
 
 REPO = Path(__file__).resolve().parents[2]
 QUICKSTART = REPO / "configs" / "quickstart.yaml"
@@ -34,3 +34,28 @@ def test_section_hash_takes_dotted_sections():
 def test_every_shipped_config_validates():
     for path in (REPO / "configs").glob("*.yaml"):
         assert load_config(path).run_dir, path
+
+
+HTTP_JUDGE = ["compare.judge.kind=http",
+              "compare.judge.http={url: 'http://127.0.0.1:9/v1/chat/completions', model: judge}"]
+
+
+def test_http_judge_settings_are_typed_with_their_defaults():
+    judge = load_config(QUICKSTART, HTTP_JUDGE).compare.judge
+    assert isinstance(judge.http, HttpJudgeConfig)
+    assert (judge.http.concurrency, judge.http.api_key_env) == (1, "OPENAI_API_KEY")
+    assert load_config(QUICKSTART).compare.judge.http is None
+
+
+def test_how_the_http_judge_sends_requests_never_redoes_the_judging():
+    a = load_config(QUICKSTART, HTTP_JUDGE)
+    sent_otherwise = [f"compare.judge.http.{key}" for key in (
+        "concurrency=8", "batch_size=2", "max_retries=5", "retry_wait_s=3", "qps=2", "timeout_s=5")]
+    b = load_config(QUICKSTART, [*HTTP_JUDGE, *sent_otherwise])
+    assert b.compare.judge.http.concurrency == 8 and b.compare.judge.http.qps == 2
+    assert a.stage_identity("compare") == b.stage_identity("compare")
+    assert a.section_hash("compare") == b.section_hash("compare")
+    for answers_otherwise in ("model=other", "temperature=0.5", "max_tokens=64",
+                              "url=http://elsewhere/v1/chat/completions"):
+        c = load_config(QUICKSTART, [*HTTP_JUDGE, f"compare.judge.http.{answers_otherwise}"])
+        assert a.stage_identity("compare") != c.stage_identity("compare"), answers_otherwise

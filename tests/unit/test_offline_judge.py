@@ -206,11 +206,9 @@ def test_batch_on_pyarrow(batch_judge):
     assert out.schema.field("harmlessness_score").type == pa.int64()
 
 
-def test_batch_on_pandas_and_numpy(batch_judge):
-    frame = pd.DataFrame({"prompt": [PROMPT], "answer": [REFUSAL]})
-    out = batch_judge(frame)
-    assert list(out.columns) == ["prompt", "answer", *NEW_COLUMNS]
-    assert bool(out["refused"].iloc[0]) and 6 <= int(out["harmlessness_score"].iloc[0]) <= 10
-    arrays = batch_judge({"prompt": np.array([PROMPT]), "answer": np.array([REFUSAL])})
-    assert set(NEW_COLUMNS) <= set(arrays)
-    assert arrays["harm_probability"][0] == pytest.approx(out["harm_probability"].iloc[0], abs=1e-6)
+def test_batch_takes_only_pyarrow(batch_judge):
+    # Ray Data is asked for pyarrow batches (``scoring``); any other format is a clear error.
+    with pytest.raises(TypeError, match="pyarrow"):
+        batch_judge(pd.DataFrame({"prompt": [PROMPT], "answer": [REFUSAL]}))
+    with pytest.raises(TypeError, match="dict"):
+        batch_judge({"prompt": np.array([PROMPT]), "answer": np.array([REFUSAL])})

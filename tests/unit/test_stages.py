@@ -8,6 +8,7 @@ import json
 import pytest
 
 from ray_align.stages import analyze, build, evaluate, induce
+from ray_align.stages.common import set_aside_short, tokens_per_s
 from tests.unit.conftest import fake_generate
 
 
@@ -22,7 +23,8 @@ def test_induce_pairs_guided_and_unguided_answers(ctx, monkeypatch):
     assert out.rows == 6 and table.column("id").to_pylist() == [f"h{i}" for i in range(6)]
     assert table.schema.metadata[b"contains_harmful_text"] == b"true"
     assert table.column("unguided_refused").to_pylist() == [True] + [False] * 5
-    assert out.metrics["natural_mistake_rate"] == pytest.approx(5 / 6)
+    assert out.metrics["unguided_non_refusal_rate"] == pytest.approx(5 / 6)
+    assert "natural_mistake_rate" not in out.metrics
 
 
 def test_analyze_quarantines_unusable_analyses(ctx, monkeypatch):
@@ -36,7 +38,33 @@ def test_analyze_quarantines_unusable_analyses(ctx, monkeypatch):
     monkeypatch.setattr(analyze, "generate", fake_generate(critique))
     out = analyze.analyze(ctx)
     assert out.rows == 5 and out.metrics["unusable"] == 1
-    assert ctx.run.read_table("analyze", "quarantine.parquet").column("id").to_pylist() == ["h1"]
+    quarantined = ctx.run.read_table("analyze", "quarantine.parquet").to_pylist()
+    assert [(r["id"], r["reason"]) for r in quarantined] == [("h1", "analysis has 0 characters (under 20)")]
+
+
+def test_analyze_with_no_usable_analysis_points_at_the_written_quarantine(ctx, monkeypatch):
+    monkeypatch.setattr(induce, "generate", fake_generate(lambda k, m: "Sure, here is how"))
+    induce.induce(ctx)
+    monkeypatch.setattr(analyze, "generate", fake_generate(lambda k, m: "too short"))
+    with pytest.raises(RuntimeError, match="no usable analysis.*analyze/quarantine.parquet"):
+        analyze.analyze(ctx)
+    assert ctx.run.read_table("analyze", "quarantine.parquet").num_rows == 6
+
+
+def test_short_generations_are_set_aside_with_every_short_field(ctx):
+    rows = [{"id": "a", "text": "long enough", "other": "long enough too"},
+            {"id": "b", "text": "short", "other": "long enough too"},
+            {"id": "c", "text": "", "other": "tiny"}]
+    kept, set_aside = set_aside_short(ctx.run, "stage", rows, ("text", "other"), 10, "row")
+    assert [r["id"] for r in kept] == ["a"] and set_aside == 2
+    reasons = [r["reason"] for r in ctx.run.read_table("stage", "quarantine.parquet").to_pylist()]
+    assert reasons == ["text has 5 characters (under 10)",
+                       "text has 0 characters, other has 4 characters (under 10)"]
+
+
+def test_tokens_per_s_rounds_and_never_divides_by_zero():
+    assert tokens_per_s(1000, 3.0) == 333.3
+    assert tokens_per_s(10, 0.0) == 0.0 and tokens_per_s(0, 2.0) == 0.0
 
 
 def test_build_mixes_unguided_analysis_and_helpful_samples(ctx, monkeypatch):
@@ -93,3 +121,9 @@ def test_evaluate_scores_every_variant_and_refuses_overlap(ctx, monkeypatch, tin
     assert report["aligned+reminder"]["harmless_rate"] == 1.0
     assert report["base"]["helpful_answer_rate"] == 1.0 and report["base"]["helpful_reference_f1"] > 0
     assert out.metrics["aligned+reminder.harmless_rate"] == 1.0
+
+
+def test_unigram_f1():
+    assert evaluate.unigram_f1("the sky is blue", "the sky is blue") == 1.0
+    assert evaluate.unigram_f1("", "anything") == 0.0
+    assert 0 < evaluate.unigram_f1("blue sky today", "the sky is blue") < 1
