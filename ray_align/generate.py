@@ -7,7 +7,6 @@ written and sends only the rest, so an interrupted stage loses and duplicates no
 
 from __future__ import annotations
 
-import functools
 import json
 import time
 import uuid
@@ -21,6 +20,7 @@ from tqdm import tqdm
 from ray_align.config import EngineConfig, ModelConfig, SamplingConfig
 from ray_align.sources import ContextLimit
 from ray_align.storage import RunDir
+from ray_align.tokenization import chat_prompt_ids, load_tokenizer
 
 REQUEST_SCHEMA = pa.schema([("key", pa.string()), ("messages", pa.string())])
 RESULT_SCHEMA = pa.schema(
@@ -163,22 +163,10 @@ def build_engine_processor(model: ModelConfig, engine: EngineConfig, sampling: S
                            preprocess_map_kwargs=light, postprocess_map_kwargs=light)
 
 
-@functools.lru_cache(maxsize=4)
-def load_tokenizer(path: str, trust_remote_code: bool):
-    from transformers import AutoTokenizer
-
-    from ray_align.storage import local_model_path
-
-    return AutoTokenizer.from_pretrained(local_model_path(path, tokenizer_only=True),
-                                         trust_remote_code=trust_remote_code)
-
-
 def prompt_token_ids(model: ModelConfig, messages_json: list[str]) -> pa.Array:
     """Chat-formatted token ids of each request, made here once: the engines then need no chat
     template or tokenizer stage of their own (on a small machine each such stage is an actor
     that holds a CPU and takes seconds to start)."""
-    from ray_align.training.core import chat_prompt_ids
-
     tokenizer = load_tokenizer(model.path, model.trust_remote_code)
     return pa.array([chat_prompt_ids(tokenizer, json.loads(m)) for m in messages_json],
                     pa.list_(pa.int32()))
@@ -188,8 +176,6 @@ def context_limit(model: ModelConfig, max_tokens: int, to_messages: Callable[[st
                   setting: str) -> ContextLimit:
     """Refuse prompts that, chat-formatted, leave fewer than ``max_tokens`` of the model's context
     for the answer: named and quarantined at load time instead of failing inside the engine."""
-    from ray_align.training.core import chat_prompt_ids
-
     tokenizer = load_tokenizer(model.path, model.trust_remote_code)
     return ContextLimit(
         count_tokens=lambda prompt: len(chat_prompt_ids(tokenizer, to_messages(prompt))),

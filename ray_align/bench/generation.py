@@ -85,10 +85,14 @@ def run_transformers(spec: dict[str, Any]) -> dict[str, Any]:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from ray_align.tokenization import pad_token_id
+
     model_cfg, _, sampling = _configs(spec)
     torch.set_num_threads(spec["num_cpus"])
+    # its own tokenizer, not the shared cached one: it is switched to left padding
     tokenizer = AutoTokenizer.from_pretrained(model_cfg.path)
     tokenizer.padding_side = "left"
+    pad = pad_token_id(tokenizer)
     dtype = {"float32": torch.float32, "float16": torch.float16}.get(model_cfg.dtype, torch.bfloat16)
     model = AutoModelForCausalLM.from_pretrained(model_cfg.path, dtype=dtype).eval()
     start_s = time.perf_counter() - started
@@ -105,9 +109,9 @@ def run_transformers(spec: dict[str, Any]) -> dict[str, Any]:
                 temperature=sampling.temperature if sample else None,
                 top_p=sampling.top_p if sample else None,
                 repetition_penalty=sampling.repetition_penalty,
-                pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
+                pad_token_id=pad)
         new = out[:, batch["input_ids"].shape[1]:]
-        tokens += int((new != (tokenizer.pad_token_id or tokenizer.eos_token_id)).sum())
+        tokens += int((new != pad).sum())
     seconds = time.perf_counter() - began
     return {"start_s": start_s, "generate_s": seconds, "tokens": tokens,
             "steady_tok_s": tokens / seconds, "e2e_tok_s": tokens / (start_s + seconds)}

@@ -57,7 +57,13 @@ def _deepspeed_rank(rank: int, spec: dict[str, Any], port: int, queue) -> None:
     import torch.distributed as dist
 
     from ray_align.config import ModelConfig, TrainConfig
-    from ray_align.training.core import deepspeed_engine, load_model, micro_batches, train_step
+    from ray_align.training.core import (
+        deepspeed_engine,
+        load_model,
+        micro_batches,
+        train_step,
+        training_dtype,
+    )
 
     train, model_cfg = TrainConfig(**spec["config"]["train"]), ModelConfig(**spec["config"]["model"])
     world = train.num_workers
@@ -65,8 +71,8 @@ def _deepspeed_rank(rank: int, spec: dict[str, Any], port: int, queue) -> None:
                       LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_SIZE=str(world))
     torch.set_num_threads(max(1, int(train.cpus_per_worker)))  # what Ray gives each worker
     dist.init_process_group("gloo", rank=rank, world_size=world)
-    dtype = torch.bfloat16 if train.precision == "bf16" else torch.float32
-    engine = deepspeed_engine(load_model(model_cfg.path, dtype=dtype, lora=train.lora), train, world)
+    model = load_model(model_cfg.path, dtype=training_dtype(train), lora=train.lora)
+    engine = deepspeed_engine(model, train, world)
     share = len(spec["rows"]) // world
     rows = spec["rows"][rank * share : (rank + 1) * share]
     dist.barrier()
@@ -110,13 +116,12 @@ def run_torch(spec: dict[str, Any]) -> dict[str, Any]:
     import torch
 
     from ray_align.config import ModelConfig, TrainConfig
-    from ray_align.training.core import load_model, micro_batches
+    from ray_align.training.core import load_model, micro_batches, training_dtype
 
     started = time.perf_counter()
     train, model_cfg = TrainConfig(**spec["config"]["train"]), ModelConfig(**spec["config"]["model"])
     torch.set_num_threads(spec["num_cpus"])
-    dtype = torch.bfloat16 if train.precision == "bf16" else torch.float32
-    model = load_model(model_cfg.path, dtype=dtype, lora=train.lora).train()
+    model = load_model(model_cfg.path, dtype=training_dtype(train), lora=train.lora).train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=train.lr,
                                   betas=(0.9, 0.95), weight_decay=train.weight_decay)
     micro = train.micro_batch_size * train.num_workers
@@ -134,19 +139,16 @@ def run_torch(spec: dict[str, Any]) -> dict[str, Any]:
 
 def training_rows(config, count: int) -> tuple[list[list], int]:
     """Token ids of the embedded helpful set (instruction -> response), repeated to ``count``."""
-    from transformers import AutoTokenizer
-
     from ray_align.sources import load_source
-    from ray_align.training.core import encode_sample
+    from ray_align.tokenization import encode_sample, load_tokenizer, pad_token_id
 
-    tokenizer = AutoTokenizer.from_pretrained(config.model.path)
+    tokenizer = load_tokenizer(config.model.path, config.model.trust_remote_code)
     table = load_source(config.data.helpful, config.data.max_prompt_chars, "quarantine", "helpful").table
     base = [encode_sample(tokenizer, [{"role": "user", "content": p}], r)
             for p, r in zip(table.column("prompt").to_pylist(), table.column("response").to_pylist(),
                             strict=True)]
     rows = [list(base[i % len(base)]) for i in range(count)]
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    return rows, pad
+    return rows, pad_token_id(tokenizer)
 
 
 def bench(config, rows: int = 128, repeats: int = 1,

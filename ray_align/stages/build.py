@@ -15,7 +15,7 @@ from ray_align import prompts
 from ray_align.baselines import Sample, mistake_analysis_samples
 from ray_align.pipeline import Context, StageOutput, labelled, write_quarantine
 from ray_align.sources import load_source
-from ray_align.training.core import encode_sample
+from ray_align.tokenization import encode_sample, load_tokenizer
 
 SAMPLE_SCHEMA = pa.schema([
     pa.field("id", pa.string(), nullable=False),
@@ -43,8 +43,6 @@ def write_samples(ctx: Context, folder: str, samples: list[Sample], instructions
     """Mix ``samples`` with ``build.helpful_ratio`` x ``instructions`` helpful samples (the same
     ones for every method), deduplicate, tokenize, drop what exceeds the context, split into
     train and validation, and write both under ``folder``."""
-    from ray_align.generate import load_tokenizer
-
     cfg, run = ctx.config, ctx.run
     tokenizer = load_tokenizer(cfg.model.path, cfg.model.trust_remote_code)
     if cfg.data.helpful.response_column is None:

@@ -32,6 +32,27 @@ def total_steps(train_cfg, train_rows: int) -> int:
     return min(steps, train_cfg.max_steps or steps)
 
 
+def ordered_dataset_config():
+    """Ray Train's data options for the workers' shards, with ``preserve_order``: the same
+    order on every run, so a resumed epoch skips exactly the batches already trained. Given to
+    the trainer alone, not set in the global ``DataContext``, where every later stage's datasets
+    would inherit it (and lose the speed of out-of-order execution)."""
+    from ray.train import DataConfig
+
+    options = DataConfig.default_ingest_options()
+    options.preserve_order = True
+    return DataConfig(execution_options=options)
+
+
+def read_ordered(uri: str):
+    """A build split's token ids, materialized in file order (the order resuming relies on)."""
+    import ray.data
+
+    dataset = ray.data.read_parquet(uri, columns=TRAIN_COLUMNS)
+    dataset.context.execution_options.preserve_order = True  # this dataset's own context copy
+    return dataset.materialize()
+
+
 def train(ctx: Context) -> StageOutput:
     """The method's fine-tuning: ``build`` -> ``train/model``."""
     return train_model(ctx, "build", "train")
@@ -40,7 +61,7 @@ def train(ctx: Context) -> StageOutput:
 def train_model(ctx: Context, build_folder: str, folder: str) -> StageOutput:
     """Fine-tune on ``build_folder``'s samples; export the model to ``folder/model`` (the
     baselines of ``ray-align compare`` train the same way, each into its own folder)."""
-    import ray.data
+    import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -50,12 +71,9 @@ def train_model(ctx: Context, build_folder: str, folder: str) -> StageOutput:
     cfg, run = ctx.config, ctx.run
     ctx.ensure_ray()
     check_resources(cfg.train, ray.cluster_resources())
-    # The same order on every run, so a resumed epoch skips exactly the batches already trained.
-    ray.data.DataContext.get_current().execution_options.preserve_order = True
     # Token ids are small: read them before the workers take the CPUs, so feeding the workers
     # needs no further tasks (a read waiting for a CPU the workers hold would wait forever).
-    data = {split: ray.data.read_parquet(run.uri_of(build_folder, f"{split}.parquet"),
-                                         columns=TRAIN_COLUMNS).materialize()
+    data = {split: read_ordered(run.uri_of(build_folder, f"{split}.parquet"))
             for split in ("train", "validation")}
     train_rows = data["train"].count()
     if train_rows < cfg.train.num_workers:
@@ -75,6 +93,7 @@ def train_model(ctx: Context, build_folder: str, folder: str) -> StageOutput:
             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
         ),
         datasets=data,
+        dataset_config=ordered_dataset_config(),
     )
     with progress:
         result = trainer.fit()

@@ -1,7 +1,8 @@
-"""The training core: tokenization with target-only loss, batching, the model and one step.
+"""The training core: batching with target-only loss, the model and one step, export.
 
 Nothing here imports Ray, so the same code runs under plain ``torch.distributed`` (or in one
-process) where Ray is absent, for example to measure it on a GPU machine.
+process) where Ray is absent, for example to measure it on a GPU machine. Samples are tokenized
+in ``ray_align.tokenization`` (no torch there).
 """
 
 from __future__ import annotations
@@ -19,24 +20,9 @@ from ray_align.config import LoraConfig, TrainConfig
 IGNORE_INDEX = -100
 
 
-def chat_prompt_ids(tokenizer, messages: list[dict[str, str]]) -> list[int]:
-    """Token ids of chat messages through the model's template, the assistant turn opened."""
-    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-    if isinstance(ids, dict) or hasattr(ids, "input_ids"):
-        ids = ids["input_ids"]
-    return list(ids)
-
-
-def encode_sample(tokenizer, messages: list[dict[str, str]], target: str) -> tuple[list[int], int]:
-    """Token ids of prompt + target (+ end of turn), and how many leading tokens are prompt.
-
-    The prompt goes through the model's chat template with the assistant turn opened, so the
-    loss falls on exactly the tokens the model must learn to produce.
-    """
-    prompt_ids = chat_prompt_ids(tokenizer, messages)
-    target_ids = tokenizer(target, add_special_tokens=False)["input_ids"]
-    end = tokenizer.eos_token_id
-    return list(prompt_ids) + list(target_ids) + ([end] if end is not None else []), len(prompt_ids)
+def training_dtype(train: TrainConfig) -> torch.dtype:
+    """The dtype the model is loaded and trained in, from ``train.precision``."""
+    return torch.bfloat16 if train.precision == "bf16" else torch.float32
 
 
 def collate(rows: Iterable[tuple[Any, int]], pad_id: int) -> dict[str, torch.Tensor]:
@@ -152,8 +138,27 @@ def train_step(engine, batch: dict[str, torch.Tensor]) -> tuple[float, int]:
 def step_loss(micro: list[tuple[float, int]]) -> float:
     """An optimizer step's loss from its micro-batches' (loss, target tokens): their
     token-weighted mean, not the last micro-batch's (one row's loss with micro-batches of 1)."""
-    tokens = sum(n for _, n in micro)
-    return sum(loss * n for loss, n in micro) / tokens if tokens else float("nan")
+    return weighted_mean(sum(loss * n for loss, n in micro), sum(n for _, n in micro))
+
+
+def weighted_mean(total: float, tokens: int) -> float:
+    """A loss summed over tokens, as a mean per token (NaN without tokens)."""
+    return total / tokens if tokens else float("nan")
+
+
+def mean_over_ranks(loss: float, tokens: int,
+                    device: torch.device | str | None = None) -> tuple[float, int]:
+    """The token-weighted mean of every rank's (mean loss, tokens), and all their tokens: each
+    rank evaluates its own shard, so rank 0's loss alone is a fraction of the data. Every rank
+    must call it (an all-reduce); without a process group it is this process's own."""
+    import torch.distributed as dist
+
+    total = loss * tokens if tokens else 0.0  # a rank with no tokens has a NaN mean
+    sums = torch.tensor([total, float(tokens)], dtype=torch.float64, device=device)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(sums)
+    total, count = sums.tolist()
+    return weighted_mean(total, int(count)), int(count)
 
 
 @torch.no_grad()
@@ -167,7 +172,7 @@ def eval_loss(model, batches: Iterable[dict[str, torch.Tensor]], device) -> tupl
         total += float(model(**batch).loss) * n
         tokens += n
     model.train()
-    return (total / tokens if tokens else float("nan")), tokens
+    return weighted_mean(total, tokens), tokens
 
 
 # --- Export: a servable Hugging Face directory from the trained weights -------------------------

@@ -2,6 +2,7 @@
 
 Progress (epoch, micro-batches done in it, optimizer step) is saved inside every checkpoint,
 so a restarted or rerun job continues from the exact data position, not from an epoch boundary.
+Checkpoints are taken only where an optimizer step ends (``CheckpointSchedule``).
 """
 
 from __future__ import annotations
@@ -12,12 +13,14 @@ import os
 import tempfile
 import time
 import uuid
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from ray_align.config import ModelConfig, TrainConfig
 from ray_align.storage import RunDir, local_model_path
+from ray_align.tokenization import load_tokenizer, pad_token_id
 from ray_align.training.core import (
     adapter_state_dict,
     deepspeed_engine,
@@ -27,10 +30,12 @@ from ray_align.training.core import (
     export_merged_model,
     full_state_dict,
     load_model,
+    mean_over_ranks,
     micro_batches,
     save_adapter,
     step_loss,
     train_step,
+    training_dtype,
 )
 
 PROGRESS_FILE = "progress.json"
@@ -75,10 +80,41 @@ def _save(engine, progress: dict[str, int], metrics: dict[str, Any]) -> None:
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
 
 
+@dataclass
+class CheckpointSchedule:
+    """When the worker saves a checkpoint: only where an optimizer step ends.
+
+    DeepSpeed steps the optimizer on every ``grad_accum``-th micro-batch counted over the whole
+    run (``engine.is_gradient_accumulation_boundary``: its count never restarts at an epoch), and
+    a checkpoint holds neither the gradients accumulated since the last step nor that count (it
+    is 0 again after a load). One saved mid-step would resume with those micro-batches' gradients
+    lost and every later step boundary shifted. So an epoch that ends mid-step reports its
+    metrics then and saves at the next step boundary, in the next epoch.
+    """
+
+    grad_accum: int
+    every_steps: int | None = None  # periodic checkpoints, in optimizer steps (None: none)
+    owed: bool = False  # an epoch ended mid-step: save at the next step boundary
+
+    def after_micro_batch(self, micro_done: int) -> bool:
+        """Save now that the run's ``micro_done``-th micro-batch is trained?"""
+        if micro_done % self.grad_accum:
+            return False
+        steps = micro_done // self.grad_accum
+        periodic = bool(self.every_steps) and steps % self.every_steps == 0
+        save, self.owed = self.owed or periodic, False
+        return save
+
+    def at_epoch_end(self, micro_done: int, finished: bool) -> bool:
+        """Save at an epoch's end? At a step boundary, or when training is over (its last,
+        partial step is never taken, so nothing is lost); otherwise at the next boundary."""
+        self.owed = not finished and micro_done % self.grad_accum != 0
+        return not self.owed
+
+
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     """Entry point Ray Train runs on every worker."""
     import ray.train
-    from transformers import AutoTokenizer
 
     train = TrainConfig.model_validate(loop_config["train"])
     model_cfg = ModelConfig.model_validate(loop_config["model"])
@@ -88,9 +124,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     rank, world = context.get_world_rank(), context.get_world_size()
     torch.manual_seed(train.seed)
 
-    tokenizer = AutoTokenizer.from_pretrained(model_cfg.path, trust_remote_code=model_cfg.trust_remote_code)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    dtype = torch.bfloat16 if train.precision == "bf16" else torch.float32  # training dtype
+    tokenizer = load_tokenizer(model_cfg.path, model_cfg.trust_remote_code)
+    pad_id = pad_token_id(tokenizer)
+    dtype = training_dtype(train)
     model = load_model(model_cfg.path, dtype=dtype, trust_remote_code=model_cfg.trust_remote_code,
                        lora=train.lora, gradient_checkpointing=train.gradient_checkpointing)
     engine = deepspeed_engine(model, train, world)
@@ -99,20 +135,23 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     rows_per_rank = loop_config["train_rows"] // world
     batches_per_epoch = math.ceil(rows_per_rank / train.micro_batch_size)
     max_micro = None if train.max_steps is None else train.max_steps * train.grad_accum
-    every = (train.checkpoint_every_steps or math.inf) * train.grad_accum
+    schedule = CheckpointSchedule(train.grad_accum, train.checkpoint_every_steps)
     bar = loop_config.get("progress")  # the driver's progress bar, fed by rank 0
     shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("validation")
 
     started, tokens, train_s = time.perf_counter(), 0, 0.0  # train_s: training loops only
     micro_done = progress["epoch"] * batches_per_epoch + progress["batches_done"]
+    loss = float("nan")  # the last optimizer step's
+    # (loss, target tokens) of the step under way, which may span an epoch's end, as DeepSpeed's
+    # accumulation does
+    step: list[tuple[float, int]] = []
     for epoch in range(progress["epoch"], train.epochs):
         skip = progress["batches_done"] if epoch == progress["epoch"] else 0
         window = shard.iter_batches(batch_size=train.micro_batch_size * LENGTH_GROUP_WINDOW,
                                     batch_format="numpy", drop_last=False)
         batches = micro_batches(window, pad_id, train.micro_batch_size, seed=train.seed + epoch)
-        loss, epoch_started = float("nan"), time.perf_counter()
-        step: list[tuple[float, int]] = []  # (loss, target tokens) of the step's micro-batches
+        epoch_started = time.perf_counter()
         for index, batch in enumerate(batches):
             if index < skip:
                 continue  # consumed before the restart; its gradient is already in the weights
@@ -124,9 +163,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             if micro_done % train.grad_accum == 0:  # an optimizer step ended: report its loss
                 loss = step_loss(step)
                 step.clear()
-            state = {"epoch": epoch, "batches_done": index + 1,
-                     "global_step": engine.global_steps, "tokens": progress["tokens"] + tokens}
-            if micro_done % every == 0:
+            if schedule.after_micro_batch(micro_done):
+                state = {"epoch": epoch, "batches_done": index + 1,
+                         "global_step": engine.global_steps, "tokens": progress["tokens"] + tokens}
                 _save(engine, state, {"loss": loss, "global_step": engine.global_steps,
                                       "epoch": epoch})
             if bar is not None and rank == 0 and micro_done % train.grad_accum == 0:
@@ -137,24 +176,31 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         train_s += time.perf_counter() - epoch_started
         val_batches = micro_batches(
             val_shard.iter_batches(batch_size=train.micro_batch_size, batch_format="numpy"), pad_id)
-        val_loss, _ = eval_loss(engine, val_batches, engine.device)
-        state = {"epoch": epoch + 1, "batches_done": 0, "global_step": engine.global_steps,
-                 "tokens": progress["tokens"] + tokens}
-        everyone = _sum_over_ranks(tokens)
-        _save(engine, state, {
+        # each rank evaluates its own shard of the validation set
+        val_loss, _ = mean_over_ranks(*eval_loss(engine, val_batches, engine.device), engine.device)
+        finished = epoch + 1 == train.epochs or (max_micro is not None and micro_done >= max_micro)
+        everyone = _sum_over_ranks(tokens, engine.device)
+        metrics = {
             "loss": loss, "val_loss": val_loss, "epoch": epoch + 1, "global_step": engine.global_steps,
             "tokens_per_s": everyone / train_s if train_s else 0.0, "train_seconds": train_s,
             "tokens": everyone, "resumed_from_step": resumed_from,
-        })
-        if max_micro is not None and micro_done >= max_micro:
+        }
+        if schedule.at_epoch_end(micro_done, finished):
+            state = {"epoch": epoch + 1, "batches_done": 0, "global_step": engine.global_steps,
+                     "tokens": progress["tokens"] + tokens}
+            _save(engine, state, metrics)
+        else:
+            ray.train.report(metrics)  # the checkpoint waits for the step to end
+        if finished:
             break
     _export(engine, model_cfg, train, tokenizer, loop_config["run_dir"],
             loop_config.get("folder", "train"), rank, dtype)
 
 
-def _sum_over_ranks(value: int) -> int:
-    """Sum over all workers (each one counts only the tokens it trained on)."""
-    total = torch.tensor([value], dtype=torch.long)
+def _sum_over_ranks(value: int, device: torch.device | str | None = None) -> int:
+    """Sum over all workers (each one counts only the tokens it trained on). On the engine's
+    device: NCCL, Ray Train's backend on GPUs, reduces no host tensors."""
+    total = torch.tensor([value], dtype=torch.long, device=device)
     torch.distributed.all_reduce(total)
     return int(total)
 

@@ -4,19 +4,14 @@ import numpy as np
 import torch
 
 from ray_align.config import TrainConfig
-from ray_align.training.core import IGNORE_INDEX, collate, encode_sample, micro_batches
+from ray_align.training.core import (
+    IGNORE_INDEX,
+    collate,
+    mean_over_ranks,
+    micro_batches,
+    training_dtype,
+)
 from ray_align.training.deepspeed_config import deepspeed_config
-
-
-def test_encode_sample_marks_where_the_target_starts(tiny_model):
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
-    messages = [{"role": "user", "content": "Why is the sky blue?"}]
-    ids, prompt_len = encode_sample(tokenizer, messages, "Rayleigh scattering.")
-    assert ids[-1] == tokenizer.eos_token_id
-    assert tokenizer.decode(ids[prompt_len:-1]) == "Rayleigh scattering."
-    assert "Why is the sky blue?" in tokenizer.decode(ids[:prompt_len])
 
 
 def test_collate_pads_and_masks_prompt_and_padding():
@@ -78,3 +73,43 @@ def test_a_steps_loss_is_the_token_weighted_mean_of_its_micro_batches():
     assert step_loss([(2.0, 10), (4.0, 30)]) == 3.5
     assert step_loss([(1.5, 7)]) == 1.5
     assert math.isnan(step_loss([(1.0, 0)]))
+
+
+def test_training_dtype_follows_the_precision():
+    assert training_dtype(TrainConfig(precision="bf16")) == torch.bfloat16
+    assert training_dtype(TrainConfig(precision="fp32")) == torch.float32
+
+
+def _reduce_on_rank(rank: int, init: str, shards: list[tuple[float, int]], out) -> None:
+    """One gloo rank: its own shard's (mean loss, tokens) in, everyone's mean out."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=len(shards))
+    try:
+        out.put((rank, mean_over_ranks(*shards[rank])))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_validation_loss_is_the_token_weighted_mean_over_all_ranks(tmp_path):
+    """Each rank evaluates its own shard: the loss is every token's, not rank 0's (2.0)."""
+    import torch.multiprocessing as mp
+
+    context = mp.get_context("spawn")
+    out = context.Queue()
+    shards = [(2.0, 10), (4.0, 30), (float("nan"), 0)]  # the last rank's shard had no tokens
+    init = f"file://{tmp_path / 'store'}"
+    procs = [context.Process(target=_reduce_on_rank, args=(r, init, shards, out))
+             for r in range(len(shards))]
+    for proc in procs:
+        proc.start()
+    results = dict(out.get(timeout=120) for _ in procs)
+    for proc in procs:
+        proc.join(timeout=60)
+    assert results == {r: (3.5, 40) for r in range(len(shards))}
+
+
+def test_without_a_process_group_the_mean_is_this_processs_own():
+    assert mean_over_ranks(2.5, 8) == (2.5, 8)
+    loss, tokens = mean_over_ranks(float("nan"), 0)
+    assert math.isnan(loss) and tokens == 0

@@ -10,11 +10,11 @@ import pytest
 import torch
 
 from ray_align.config import LoraConfig, TrainConfig
+from ray_align.tokenization import encode_sample, pad_token_id
 from ray_align.training.core import (
     adapter_state_dict,
     collate,
     deepspeed_engine,
-    encode_sample,
     export_full_model,
     export_merged_model,
     full_state_dict,
@@ -53,7 +53,7 @@ def test_zero_steps_without_ray_then_export(tiny_model, tmp_path, single_process
     assert isinstance(engine.optimizer.optimizer, torch.optim.AdamW)  # no C++ build on CPU
     samples = [encode_sample(tokenizer, [{"role": "user", "content": q}], a)
                for q, a in [("Capital of France?", "Paris."), ("Two plus two?", "Four.")]]
-    batch = collate(samples, tokenizer.pad_token_id or 0)
+    batch = collate(samples, pad_token_id(tokenizer))
     losses = [train_step(engine, batch)[0] for _ in range(6)]
     assert losses[-1] < losses[0]
     assert engine.global_steps == 6
@@ -90,7 +90,7 @@ def test_lora_under_zero3_gathers_the_adapter_and_the_merge_computes_the_same(
                         lora=LoraConfig(r=4, alpha=8, dropout=0.0))
     engine = deepspeed_engine(load_model(str(tiny_model), lora=train.lora), train, world_size=1)
     samples = [encode_sample(tokenizer, [{"role": "user", "content": "Capital of France?"}], "Paris.")]
-    batch = collate(samples * 2, tokenizer.pad_token_id or 0)
+    batch = collate(samples * 2, pad_token_id(tokenizer))
     for _ in range(3):
         train_step(engine, batch)
 
