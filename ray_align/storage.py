@@ -23,7 +23,6 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-
 GCS_RETRY_S = 60
 
 

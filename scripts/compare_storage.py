@@ -36,7 +36,8 @@ def timed_run(config: Path, run_dir: str) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", type=int, default=24, help="harmful prompts (and helpful samples)")
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--s3-uri", help="an existing bucket/prefix; default: a loopback moto server")
