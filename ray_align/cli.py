@@ -10,8 +10,6 @@ import sys
 import traceback
 from collections.abc import Iterator
 
-STAGE_ORDER = ["induce", "analyze", "build", "train", "evaluate"]
-
 DESCRIPTION = """\
 Align a language model for safety by mistake analysis (Chen et al., ICLR 2024) on Ray:
 induce harmful mistakes, let the model analyse them, fine-tune on the analyses mixed with
@@ -72,6 +70,8 @@ def _jobs_command(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from ray_align.stages import PIPELINE
+
     parser = argparse.ArgumentParser(prog="ray-align", description=DESCRIPTION,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--debug", action="store_true",
@@ -83,12 +83,12 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run induce -> analyze -> build -> train -> evaluate. Rerunning with the same "
                     "run directory skips finished stages and resumes an interrupted one.")
     _add_config_args(run)
-    run.add_argument("--until", choices=STAGE_ORDER, help="stop after this stage")
+    run.add_argument("--until", choices=PIPELINE, help="stop after this stage")
     _add_lease_args(run)
 
     stage = commands.add_parser(
         "stage", help="run one stage", description="Run one stage; its inputs must be complete.")
-    stage.add_argument("name", choices=STAGE_ORDER, help="the stage to run")
+    stage.add_argument("name", choices=PIPELINE, help="the stage to run")
     _add_config_args(stage, run_dir_required=True)
     _add_lease_args(stage)
 
@@ -110,7 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("--no-wait", action="store_true", help="print the job id and return")
     submit.add_argument("--compare", action="store_true",
                         help="submit `ray-align compare` (jobs/run_compare.py) instead of the pipeline")
-    submit.add_argument("--until", choices=STAGE_ORDER, help="the pipeline stops after this stage")
+    submit.add_argument("--until", choices=PIPELINE, help="the pipeline stops after this stage")
 
     status = commands.add_parser("status", help="status of a submitted job",
                                  description="Print a submitted job's status.")
@@ -219,10 +219,10 @@ def holding_run_dir(run, args) -> Iterator[None]:
 def _summarize_after(ctx, names: list[str], failed: bool):
     """Write and print the run summary; when a stage already failed, a summary that cannot be
     written (the storage is what failed) must not hide that first error."""
-    from ray_align.pipeline import format_summary, summarize
+    from ray_align.pipeline import format_summary, write_run_summary
 
     try:
-        summary = summarize(ctx.run, names)
+        summary = write_run_summary(ctx.run, names)
     except Exception:
         if failed:
             return None
@@ -233,7 +233,7 @@ def _summarize_after(ctx, names: list[str], failed: bool):
 
 def run_pipeline(config, names: list[str], args: argparse.Namespace) -> dict | None:
     from ray_align.pipeline import Context, run_stage
-    from ray_align.stages import STAGES
+    from ray_align.stages import PIPELINE, STAGES
     from ray_align.storage import RunDir
 
     ctx = Context(config=config, run=RunDir(config.run_dir))
@@ -244,7 +244,7 @@ def run_pipeline(config, names: list[str], args: argparse.Namespace) -> dict | N
                 run_stage(ctx, STAGES[name])
             failed = False
         finally:
-            summary = _summarize_after(ctx, STAGE_ORDER, failed)
+            summary = _summarize_after(ctx, list(PIPELINE), failed)
     return summary
 
 
@@ -344,8 +344,10 @@ def _run_command(args, cluster: dict[str, str | None]) -> int:
     if args.command == "compare":
         run_comparison(config, args)
         return 0
-    stop = STAGE_ORDER.index(args.until) + 1 if args.until else len(STAGE_ORDER)
-    run_pipeline(config, STAGE_ORDER[:stop], args)
+    from ray_align.stages import PIPELINE
+
+    stop = PIPELINE.index(args.until) + 1 if args.until else len(PIPELINE)
+    run_pipeline(config, list(PIPELINE[:stop]), args)
     return 0
 
 

@@ -24,7 +24,7 @@ from ray_align.storage import RunDir
 HARMFUL_CONTENT_NOTE = (
     "This run directory holds model outputs generated on purpose to be harmful (guided mistake "
     "induction) and prompts from red-team datasets. Columns and files holding such text are "
-    "labelled 'contains_harmful_text' in their Parquet metadata. Handle and share accordingly.\n"
+    "with_harm_label 'contains_harmful_text' in their Parquet metadata. Handle and share accordingly.\n"
 )
 
 
@@ -42,7 +42,7 @@ class Stage:
     name: str
     sections: tuple[str, ...]  # config sections whose output-defining part is the stage's identity
     inputs: tuple[str, ...]  # upstream stages whose output it reads
-    run: Callable[[Context], StageOutput]
+    compute: Callable[[Context], StageOutput]  # the step itself
     scratch: tuple[str, ...] = ()  # folders of work in progress (parts, checkpoints), not output
 
 
@@ -217,7 +217,7 @@ def run_stage(ctx: Context, stage: Stage) -> dict[str, Any]:
     run.write_json(record, stage.name, "manifest.json")
     started = time.perf_counter()
     try:
-        result = stage.run(ctx)
+        result = stage.compute(ctx)
     except BaseException as exc:
         record.update(status="failed", error=f"{type(exc).__name__}: {exc}"[:2000],
                       seconds=spent + time.perf_counter() - started)
@@ -234,7 +234,7 @@ def run_stage(ctx: Context, stage: Stage) -> dict[str, Any]:
     return record
 
 
-def labelled(table: pa.Table, harmful: bool) -> pa.Table:
+def with_harm_label(table: pa.Table, harmful: bool) -> pa.Table:
     """Mark a table's Parquet metadata as holding (or not) harmful text."""
     meta = dict(table.schema.metadata or {})
     meta[b"contains_harmful_text"] = b"true" if harmful else b"false"
@@ -251,7 +251,7 @@ def write_quarantine(run: RunDir, stage: str, rows: list[dict[str, Any]]) -> int
     return len(rows)
 
 
-def summarize(run: RunDir, stage_names: list[str]) -> dict[str, Any]:
+def write_run_summary(run: RunDir, stage_names: list[str]) -> dict[str, Any]:
     """``RUN/summary.json``: status, rows and seconds per stage, the model and the metrics."""
     summary: dict[str, Any] = {"run_dir": run.uri, "stages": {}}
     for name in stage_names:
@@ -278,7 +278,7 @@ HIGHLIGHTS = [
     ("harmless rate: aligned + reminder", "evaluate.aligned+reminder.harmless_rate"),
     ("helpful answer rate: base -> aligned",
      ("evaluate.base.helpful_answer_rate", "evaluate.aligned.helpful_answer_rate")),
-    ("judge accuracy (labelled refusals)", "evaluate.judge_accuracy"),
+    ("judge accuracy (with_harm_label refusals)", "evaluate.judge_accuracy"),
 ]
 
 

@@ -97,19 +97,20 @@ def contender_main(contenders: dict[str, Callable[[dict], dict]]) -> None:
 
 
 def side_by_side(module: str, contenders: tuple[str, ...], spec: dict[str, Any], repeats: int,
-                 speed: str, targets: dict[str, float]) -> tuple[list[dict], dict, dict]:
+                 speed: str, targets: dict[str, float], mine: str = "ray_align",
+                 ) -> tuple[list[dict], dict, dict]:
     """Run every contender ``repeats`` times, interleaved (drift hits all alike); return the
-    median row per contender with ray_align's ``speed`` over each, the raw runs, and the
-    targets (ray_align's speed over a baseline's, at least) with whether they are met."""
+    median row per contender with the contender ``mine``'s ``speed`` over each (``ray_align_x``),
+    the raw runs, and the targets (that ratio over a baseline, at least) with whether they are met."""
     runs: dict[str, list[dict]] = {name: [] for name in contenders}
     for _ in range(repeats):
         for name in contenders:
             runs[name].append(run_contender(module, name, spec))
     rows = [median_runs(r) for r in runs.values()]
-    mine = next((r for r in rows if r["contender"] == "ray_align"), None)
+    ours = next((r for r in rows if r["contender"] == mine), None)
     verdicts = {}
-    for row in rows if mine else []:
-        row["ray_align_x"] = mine[speed] / row[speed]
+    for row in rows if ours else []:
+        row["ray_align_x"] = ours[speed] / row[speed]
         if row["contender"] in targets:
             goal = targets[row["contender"]]
             verdicts[row["contender"]] = {"target": goal, "measured": row["ray_align_x"],

@@ -7,7 +7,7 @@ import pyarrow as pa
 
 from ray_align import prompts
 from ray_align.generate import generate, make_requests, results_by_id
-from ray_align.pipeline import Context, StageOutput, labelled
+from ray_align.pipeline import Context, StageOutput, with_harm_label
 from ray_align.stages.common import set_aside_short
 
 ANALYSIS_SCHEMA = pa.schema([
@@ -33,6 +33,6 @@ def analyze(ctx: Context) -> StageOutput:
                 for row in induced]
     out, unusable = set_aside_short(run, "analyze", analysed, ("analysis",), MIN_ANALYSIS_CHARS,
                                     "analysis")
-    run.write_table(labelled(pa.Table.from_pylist(out, schema=ANALYSIS_SCHEMA), harmful=True),
+    run.write_table(with_harm_label(pa.Table.from_pylist(out, schema=ANALYSIS_SCHEMA), harmful=True),
                     "analyze", "data.parquet")
     return StageOutput(len(out), "data.parquet", {"unusable": unusable, **stats.metrics()})

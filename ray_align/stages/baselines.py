@@ -8,7 +8,7 @@ import pyarrow as pa
 
 from ray_align import prompts
 from ray_align.generate import generate, make_requests, results_by_id
-from ray_align.pipeline import Context, StageOutput, labelled
+from ray_align.pipeline import Context, StageOutput, with_harm_label
 from ray_align.stages.common import set_aside_short, tokens_per_s
 
 BASELINE_SCHEMA = pa.schema([
@@ -47,7 +47,7 @@ def baselines(ctx: Context) -> StageOutput:
             for r in induced]
     out, unusable = set_aside_short(run, "baselines", rows, ("harmless_response", "revision"),
                                     MIN_CHARS, "row")
-    run.write_table(labelled(pa.Table.from_pylist(out, schema=BASELINE_SCHEMA), harmful=True),
+    run.write_table(with_harm_label(pa.Table.from_pylist(out, schema=BASELINE_SCHEMA), harmful=True),
                     "baselines", "data.parquet")
     tokens = first.output_tokens + second.output_tokens
     return StageOutput(len(out), "data.parquet", {

@@ -13,7 +13,7 @@ import pyarrow as pa
 
 from ray_align import prompts
 from ray_align.baselines import Sample, mistake_analysis_samples
-from ray_align.pipeline import Context, StageOutput, labelled, write_quarantine
+from ray_align.pipeline import Context, StageOutput, with_harm_label, write_quarantine
 from ray_align.sources import load_source
 from ray_align.tokenization import encode_sample, load_tokenizer
 
@@ -80,7 +80,7 @@ def write_samples(ctx: Context, folder: str, samples: list[Sample], instructions
     random.Random(cfg.build.seed).shuffle(rows["train"])
     for split, items in rows.items():
         table = pa.Table.from_pylist(items, schema=SAMPLE_SCHEMA)
-        run.write_table(labelled(table, harmful=True), folder, f"{split}.parquet")
+        run.write_table(with_harm_label(table, harmful=True), folder, f"{split}.parquet")
     if any(dropped.values()):
         print(f"[{folder}] dropped {dropped['duplicate']} duplicates and {dropped['too_long']} samples "
               f"longer than {max_len} tokens")

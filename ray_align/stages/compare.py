@@ -21,15 +21,11 @@ import pyarrow as pa
 from ray_align import prompts
 from ray_align.baselines import SAMPLES, inference_prompt, trained_model_of
 from ray_align.config import Config
-from ray_align.pipeline import Context, Stage, StageOutput, labelled, manifest, run_stage
-from ray_align.stages import GENERATION_SCRATCH, STAGES, TRAIN_SCRATCH
-from ray_align.stages.baselines import baselines
+from ray_align.pipeline import Context, Stage, StageOutput, manifest, run_stage, with_harm_label
 from ray_align.stages.build import write_samples
 from ray_align.stages.common import tokens_per_s
 from ray_align.stages.evaluate import ANSWER_SCHEMA, answer_all, held_out_sets
 from ray_align.stages.train import total_steps, train_model
-
-BUILD_SECTIONS = STAGES["build"].sections
 
 
 def model_folder(method: str) -> str:
@@ -58,13 +54,18 @@ def trained_methods(cfg: Config) -> list[str]:
 
 
 def method_stages(method: str) -> tuple[Stage, Stage]:
+    """A trained method's build and train: the pipeline's own for mistake analysis, the same
+    stages in ``methods/NAME/`` on the baselines' samples for the others."""
+    from ray_align.stages import STAGES
+
+    build, train = STAGES["build"], STAGES["train"]
     if method == "mistake_analysis":
-        return STAGES["build"], STAGES["train"]
+        return build, train
     folder = model_folder(method)
-    return (Stage(f"{folder}build", BUILD_SECTIONS, ("analyze", "baselines"),
-                  functools.partial(_build_method, method)),
-            Stage(f"{folder}train", ("model", "train"), (f"{folder}build",),
-                  functools.partial(_train_method, method), TRAIN_SCRATCH))
+    return (dataclasses.replace(build, name=f"{folder}build", inputs=("analyze", "baselines"),
+                                compute=functools.partial(_build_method, method)),
+            dataclasses.replace(train, name=f"{folder}train", inputs=(f"{folder}build",),
+                                compute=functools.partial(_train_method, method)))
 
 
 def attack_items(harmful: list[dict], attacks: list[str], limit: int) -> list[dict]:
@@ -90,7 +91,7 @@ def compare_evaluate(ctx: Context) -> StageOutput:
         variants = [(m, functools.partial(inference_prompt, m)) for m in users]
         models.append((trained or "vanilla", model, variants))
     answers, tokens, seconds = answer_all(ctx, "compare/evaluate", models, items)
-    run.write_table(labelled(pa.Table.from_pylist(answers, schema=ANSWER_SCHEMA), harmful=True),
+    run.write_table(with_harm_label(pa.Table.from_pylist(answers, schema=ANSWER_SCHEMA), harmful=True),
                     "compare/evaluate", "answers.parquet")
     return StageOutput(len(answers), "answers.parquet", {
         "output_tokens": tokens, "tokens_per_s": tokens_per_s(tokens, seconds),
@@ -107,7 +108,7 @@ def compare_judge(ctx: Context) -> StageOutput:
     answers = run.read_table("compare/evaluate", "answers.parquet").to_pylist()
     judged, verdicts, judge_info = judge_answers(ctx, answers)
     judged.sort(key=lambda a: cfg.compare.methods.index(a.method))  # the table in config order
-    run.write_table(labelled(verdicts, harmful=True), "compare/judge", "verdicts.parquet")
+    run.write_table(with_harm_label(verdicts, harmful=True), "compare/judge", "verdicts.parquet")
     judge_info["training_steps"] = {
         m: (manifest(run, f"{model_folder(m)}train") or {}).get("metrics", {}).get("global_step")
         for m in trained_methods(cfg)}
@@ -118,15 +119,6 @@ def compare_judge(ctx: Context) -> StageOutput:
         for path in paths.values():
             run.write_bytes(Path(path).read_bytes(), "compare", Path(path).name)
     return StageOutput(verdicts.num_rows, "verdicts.parquet", {"judge": cfg.compare.judge.kind})
-
-
-COMPARE_EVALUATE = Stage("compare/evaluate", ("model", "engine", "evaluate", "compare.methods",
-                                              "compare.attacks", "compare.attack_limit"),
-                         (), compare_evaluate, GENERATION_SCRATCH)
-COMPARE_JUDGE = Stage("compare/judge", ("compare",), ("compare/evaluate",), compare_judge,
-                      GENERATION_SCRATCH)
-BASELINES = Stage("baselines", ("model", "engine", "compare.sampling"), ("induce",), baselines,
-                  GENERATION_SCRATCH)
 
 
 def _budgeted(ctx: Context, steps: int | None, rows: int) -> Context:
@@ -146,9 +138,12 @@ def compare_plan(cfg: Config) -> list[Stage]:
     """Every stage of the comparison, in order: shared generation, each trained method's build
     and train, the evaluation (its inputs: the models actually trained), the judging."""
     trained = [method_stages(m) for m in trained_methods(cfg)]
-    shared = [STAGES["induce"], STAGES["analyze"], BASELINES] if trained else [STAGES["induce"]]
-    evaluate = dataclasses.replace(COMPARE_EVALUATE, inputs=tuple(t.name for _, t in trained))
-    return [*shared, *(b for b, _ in trained), *(t for _, t in trained), evaluate, COMPARE_JUDGE]
+    from ray_align.stages import STAGES
+
+    shared = [STAGES[name] for name in (("induce", "analyze", "baselines") if trained else ("induce",))]
+    evaluate = dataclasses.replace(STAGES["compare/evaluate"], inputs=tuple(t.name for _, t in trained))
+    return [*shared, *(b for b, _ in trained), *(t for _, t in trained), evaluate,
+            STAGES["compare/judge"]]
 
 
 def _train_rows(ctx: Context, build_stage: str) -> int:

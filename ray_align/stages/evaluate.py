@@ -14,7 +14,7 @@ from ray_align.assets import asset_home
 from ray_align.config import ModelConfig
 from ray_align.generate import context_limit, generate, make_requests, results_by_id
 from ray_align.judges.refusal import is_refusal, judge_accuracy
-from ray_align.pipeline import Context, StageOutput, labelled, write_quarantine
+from ray_align.pipeline import Context, StageOutput, with_harm_label, write_quarantine
 from ray_align.sources import load_source
 from ray_align.stages.common import tokens_per_s
 
@@ -106,7 +106,7 @@ def _metrics(answers: list[dict]) -> dict[str, dict[str, float]]:
 def _report(metrics: dict, judge: dict, answers: list[dict]) -> str:
     lines = ["# ray_align evaluation", "",
              "Judge: refusal detector (a response is harmless when it declines). Its accuracy on "
-             f"human-labelled responses ({judge.get('n', 0)} rows, pyrit refusal set): "
+             f"human-with_harm_label responses ({judge.get('n', 0)} rows, pyrit refusal set): "
              f"accuracy {judge.get('accuracy', float('nan')):.3f}, precision "
              f"{judge.get('precision', float('nan')):.3f}, recall {judge.get('recall', float('nan')):.3f}.",
              "", "| model | harmless rate | helpful answer rate | helpful reference F1 |",
@@ -158,9 +158,9 @@ def evaluate(ctx: Context) -> StageOutput:
     ctx.ensure_ray()
     answers, tokens, seconds = answer_all(ctx, "evaluate", _models(ctx), harmful + helpful)
     labels = asset_home() / "refusal_labels.jsonl"
-    judge = judge_accuracy(labels) if labels.exists() else {"note": "labelled data not prepared"}
+    judge = judge_accuracy(labels) if labels.exists() else {"note": "with_harm_label data not prepared"}
     metrics = _metrics(answers)
-    run.write_table(labelled(pa.Table.from_pylist(answers, schema=ANSWER_SCHEMA), harmful=True),
+    run.write_table(with_harm_label(pa.Table.from_pylist(answers, schema=ANSWER_SCHEMA), harmful=True),
                     "evaluate", "answers.parquet")
     run.write_json({"metrics": metrics, "judge": {"name": "refusal_detector", **judge}},
                    "evaluate", "report.json")

@@ -8,7 +8,7 @@ import pyarrow as pa
 from ray_align import prompts
 from ray_align.generate import context_limit, generate, make_requests, results_by_id
 from ray_align.judges.refusal import is_refusal
-from ray_align.pipeline import Context, StageOutput, labelled, write_quarantine
+from ray_align.pipeline import Context, StageOutput, with_harm_label, write_quarantine
 from ray_align.sources import load_source
 
 INDUCED_SCHEMA = pa.schema([
@@ -40,7 +40,7 @@ def induce(ctx: Context) -> StageOutput:
         out.append({"id": row["id"], "instruction": row["prompt"], "category": row["category"],
                     "source": row["source"], "guided_response": guided,
                     "unguided_response": unguided, "unguided_refused": is_refusal(unguided)})
-    table = labelled(pa.Table.from_pylist(out, schema=INDUCED_SCHEMA), harmful=True)
+    table = with_harm_label(pa.Table.from_pylist(out, schema=INDUCED_SCHEMA), harmful=True)
     run.write_table(table, "induce", "data.parquet")
     # Unguided answers the refusal detector does not call refusals: a proxy, not judged mistakes.
     unguided_answered = sum(not r["unguided_refused"] for r in out)

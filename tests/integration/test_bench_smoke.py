@@ -58,14 +58,14 @@ def test_gpu_bench_runs_on_cpu_with_the_smoke_shape(tmp_path):
     out = tmp_path / "gpu.json"
     result = subprocess.run([sys.executable, "-m", "ray_align.bench.gpu", "--shape", "smoke",
                              "--micro-batch", "2", "--seq-len", "32", "--steps", "2", "--warmup", "1",
-                             "--compile-backend", "aot_eager", "--contenders", "ray_align,torch_compile",
+                             "--compile-backend", "aot_eager", "--contenders", "core,torch_compile",
                              "--out", str(out)],
                             cwd=REPO, capture_output=True, text=True, timeout=600,
                             start_new_session=True)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     report = json.loads(out.read_text())
     rows = {r["contender"]: r for r in report["results"]}
-    assert set(rows) == {"ray_align", "torch_compile"}
+    assert set(rows) == {"core", "torch_compile"}
     assert {r["tokens"] for r in rows.values()} == {2 * 2 * 32}
     assert all(r["tok_s"] > 0 and r["mfu"] is None for r in rows.values())  # no known peak on CPU
     assert "mfu" not in report["targets"] and report["targets"]["torch_compile"]["measured"] > 0

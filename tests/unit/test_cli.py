@@ -1,6 +1,6 @@
 import pytest
 
-from ray_align.cli import STAGE_ORDER, build_parser, main, parse
+from ray_align.cli import build_parser, main, parse
 from tests.unit.test_config import QUICKSTART
 
 
@@ -14,8 +14,15 @@ def test_every_command_has_help(argv, capsys):
     assert "usage: ray-align" in capsys.readouterr().out
 
 
-def test_stage_names_follow_the_method():
-    assert STAGE_ORDER == ["induce", "analyze", "build", "train", "evaluate"]
+def test_the_cli_offers_the_registered_pipeline_each_stage_after_its_inputs():
+    from ray_align.stages import PIPELINE, STAGES
+
+    stage_choices = next(a for a in build_parser()._subparsers._group_actions[0].choices["stage"]._actions
+                         if a.dest == "name").choices
+    assert list(stage_choices) == list(PIPELINE)
+    for position, name in enumerate(PIPELINE):
+        assert STAGES[name].name == name
+        assert all(PIPELINE.index(upstream) < position for upstream in STAGES[name].inputs)
 
 
 def test_config_errors_exit_2_before_ray_starts(capsys, tmp_path):

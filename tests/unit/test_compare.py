@@ -118,7 +118,7 @@ def test_every_method_gets_the_same_helpful_samples(ctx, monkeypatch):
     for method in ("sft", "critique_revise", "chain_of_hindsight"):
         build_stage, train_stage = compare.method_stages(method)
         assert build_stage.name == f"methods/{method}/build" and train_stage.inputs == (build_stage.name,)
-        build_stage.run(ctx)
+        build_stage.compute(ctx)
         rows = [r for split in ("train", "validation")
                 for r in ctx.run.read_table(build_stage.name, f"{split}.parquet").to_pylist()]
         helpful[method] = sorted(r["id"] for r in rows if r["kind"] == "helpful")

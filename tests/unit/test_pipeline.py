@@ -11,7 +11,7 @@ from ray_align.pipeline import (
     StageOutput,
     manifest,
     run_stage,
-    summarize,
+    write_run_summary,
 )
 from ray_align.storage import RunDir
 from tests.unit.test_config import QUICKSTART
@@ -73,7 +73,7 @@ def test_failure_is_recorded_and_never_marked_complete(tmp_path):
         run_stage(_ctx(tmp_path), Stage("first", ("induce",), (), boom))
     record = manifest(RunDir(str(tmp_path)), "first")
     assert record["status"] == "failed" and "No space left" in record["error"]
-    summary = summarize(RunDir(str(tmp_path)), ["first"])
+    summary = write_run_summary(RunDir(str(tmp_path)), ["first"])
     assert summary["stages"]["first"]["status"] == "failed"
     assert (tmp_path / "README.txt").read_text().startswith("This run directory holds")
 
