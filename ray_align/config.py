@@ -75,6 +75,15 @@ class DataConfig(_Strict):
         "error", description="Stop on a bad row, or set it aside in quarantine.parquet and count it."
     )
 
+    @field_validator("helpful")
+    @classmethod
+    def _helpful_has_responses(cls, value: SourceConfig) -> SourceConfig:
+        # found here, before induce and analyze run, not by the build stage after them
+        if value.response_column is None:
+            raise ValueError("needs response_column, the column of good responses (fine-tuning "
+                             "mixes these (instruction, response) pairs with the analyses)")
+        return value
+
 
 # vLLM engine arguments that change what a model generates (the rest, such as
 # max_num_seqs or gpu_memory_utilization, only change how fast).

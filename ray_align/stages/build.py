@@ -45,8 +45,6 @@ def write_samples(ctx: Context, folder: str, samples: list[Sample], instructions
     train and validation, and write both under ``folder``."""
     cfg, run = ctx.config, ctx.run
     tokenizer = load_tokenizer(cfg.model.path, cfg.model.trust_remote_code)
-    if cfg.data.helpful.response_column is None:
-        raise ValueError("data.helpful.response_column must name the column of good responses")
     helpful = load_source(cfg.data.helpful, cfg.data.max_prompt_chars, cfg.data.on_bad_row, "helpful")
     helpful_rows = helpful.table.to_pylist()
     random.Random(cfg.build.seed).shuffle(helpful_rows)

@@ -34,6 +34,8 @@ CONFIG_CASES = {
     "not one of the choices": (["data.on_bad_row=ignore"], "data.on_bad_row"),
     "impossible combination": (["train.offload_params=true"], "offload_params needs zero_stage: 3"),
     "empty required list": (["evaluate.harmful=[]"], "evaluate.harmful"),
+    "helpful data without responses (found before induce runs, not by build)": (
+        ["data.helpful.response_column=null"], "data.helpful: Value error, needs response_column"),
     "override without =": (["train.epochs"], "key=value"),
     "NaN where a number goes": (["train.lr=.nan"], "train.lr"),
     "judge endpoint that is not HTTP": (
