@@ -49,11 +49,11 @@ def restore(engine, checkpoint) -> dict[str, int]:
         return {"epoch": 0, "batches_done": 0, "global_step": 0, "tokens": 0}
     with checkpoint.as_directory() as folder:
         try:
-            loaded, _ = engine.load_checkpoint(folder, tag="state")
+            if not os.path.isdir(os.path.join(folder, "state")):  # DeepSpeed asserts with no text
+                raise FileNotFoundError("no DeepSpeed state folder in it")
+            engine.load_checkpoint(folder, tag="state")
             with open(os.path.join(folder, PROGRESS_FILE)) as src:
                 progress = json.load(src)
-            if loaded is None:
-                raise FileNotFoundError("no DeepSpeed state in it")
         except Exception as exc:  # noqa: BLE001 - any unreadable part makes the whole unusable
             raise CheckpointError(
                 f"checkpoint {checkpoint.path} is unreadable ({type(exc).__name__}: {exc}); "

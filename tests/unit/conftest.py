@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import socket
 
 import pyarrow as pa
 import pytest
@@ -47,3 +48,29 @@ def ctx(tmp_path, tiny_model, monkeypatch):
     context = Context(config=config, run=RunDir(config.run_dir))
     context._ray_ready = True  # nothing here needs Ray
     return context
+
+
+@pytest.fixture(scope="session")
+def _gloo_group_of_one():
+    """One gloo group of one process for the whole session. DeepSpeed caches the groups it
+    derives from it, so a group destroyed and made again breaks every engine built after it."""
+    import torch.distributed as dist
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    yield port
+    dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def single_process_group(_gloo_group_of_one):
+    """The session's group of one plus, for the module, the variables a launcher (Ray Train,
+    torchrun) sets before DeepSpeed: DeepSpeed needs them, other modules should not see them."""
+    env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_gloo_group_of_one), "RANK": "0",
+           "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_SIZE": "1"}
+    with pytest.MonkeyPatch.context() as patch:
+        for key, value in env.items():
+            patch.setenv(key, value)
+        yield

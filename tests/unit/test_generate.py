@@ -1,14 +1,21 @@
+import pyarrow as pa
 import pytest
 
-from ray_align.config import EngineConfig, ModelConfig
+from ray_align import generate as generation
+from ray_align.config import EngineConfig, ModelConfig, SamplingConfig
 from ray_align.generate import (
+    RESULT_SCHEMA,
     GenerationError,
     GenerationStats,
     check_engine_fits,
     engine_kwargs,
     engine_window,
+    generate,
+    make_requests,
     placement_bundles,
+    results_by_id,
 )
+from ray_align.storage import RunDir
 
 
 def test_placement_bundles_one_per_tensor_parallel_rank():
@@ -41,3 +48,142 @@ def test_steady_rate_uses_the_engines_busy_window_when_vllm_reports_it():
     assert done.metrics() == {"output_tokens": 200, "tokens_per_s": 6.7, "engine_s": 4.0,
                               "steady_tokens_per_s": 50.0}
     assert GenerationStats(4, 4, 200, 30.0).metrics()["engine_s"] is None
+
+
+# ----------------------------------------------------------------------------- generate() itself
+
+
+class StubEngines:
+    """Stands in for ``build_engine_processor``: maps the blocks ``generate`` hands to
+    ``ray.data.from_arrow`` (passed through as a list) to what the real postprocess returns,
+    one batch per block, and records the keys it was sent. Keys in ``fail`` come back with an
+    error, as ``should_continue_on_error`` rows do."""
+
+    def __init__(self):
+        self.fail: set[str] = set()
+        self.sent: list[list[str]] = []  # the keys of each generate() call
+
+    def build(self, model, engine, sampling):
+        def processor(blocks):
+            assert isinstance(blocks, list) and all(isinstance(b, pa.Table) for b in blocks)
+            self.sent.append([k for b in blocks for k in b.column("key").to_pylist()])
+            return StubDataset(blocks, self.fail)
+
+        return processor
+
+
+class StubDataset:
+    def __init__(self, blocks, fail):
+        self.blocks, self.fail = blocks, fail
+
+    def iter_batches(self, *, batch_size, batch_format):
+        assert batch_size is None and batch_format == "pyarrow"
+        for block in self.blocks:
+            rows = []
+            for key, ids in zip(block.column("key").to_pylist(), block.column("prompt_ids").to_pylist(),
+                                strict=True):
+                failed = key in self.fail
+                rows.append({"key": key, "generated_text": "" if failed else f"answer to {key}",
+                             "num_input_tokens": len(ids), "num_generated_tokens": 0 if failed else 3,
+                             "error": f"engine died on {key}" if failed else "",
+                             "engine_window": [0.0, 0.0] if failed else [10.0 + len(rows), 12.0 + len(rows)]})
+            yield pa.Table.from_pylist(rows)
+
+
+@pytest.fixture
+def stub(monkeypatch):
+    import ray
+    import ray.data
+
+    engines = StubEngines()
+    monkeypatch.setattr(generation, "build_engine_processor", engines.build)
+    monkeypatch.setattr(ray.data, "from_arrow", lambda blocks: list(blocks))
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 2.0})
+    # no tokenizer: one token id per character of the messages
+    monkeypatch.setattr(generation, "prompt_token_ids", lambda model, messages: pa.array(
+        [[1] * len(m) for m in messages], pa.list_(pa.int32())))
+    return engines
+
+
+def _requests(n: int, start: int = 0):
+    ids = [f"r{i}" for i in range(start, start + n)]
+    return make_requests(ids, [[{"role": "user", "content": f"question {i}"}] for i in ids])
+
+
+def _generate(run, requests, **engine):
+    settings = {"batch_size": 1, "shard_rows": 3, **engine}
+    return generate(run, ("gen",), requests, ModelConfig(path="m"), EngineConfig(**settings),
+                    SamplingConfig(), "test")
+
+
+def _parts(run) -> list[int]:
+    return [run.read_table("gen", name).num_rows for name in run.list_files("gen", suffix=".parquet")]
+
+
+def test_results_are_written_in_parts_of_shard_rows(stub, tmp_path):
+    run = RunDir(str(tmp_path / "run"))
+    stats = _generate(run, _requests(10))
+    assert stub.sent == [[f"r{i}" for i in range(10)]]
+    # batches of one row; a part is written as soon as 3 rows are waiting, the rest at the end
+    assert _parts(run) == [3, 3, 3, 1]
+    results = results_by_id(run, "gen")
+    assert sorted(results) == sorted(f"r{i}" for i in range(10))
+    assert all(r["generated_text"] == f"answer to {k}" and r["num_generated_tokens"] == 3
+               for k, r in results.items())
+    messages = dict(zip(*_requests(10).to_pydict().values(), strict=True))
+    assert all(r["num_input_tokens"] == len(messages[k]) for k, r in results.items())  # its prompt ids
+    assert run.read_tables("gen").schema == RESULT_SCHEMA
+    assert (stats.requests, stats.generated_now, stats.output_tokens) == (10, 10, 30)
+    assert stats.engine_s == 2.0  # the stub's windows, all (10, 12) for one-row batches
+    # batches larger than a part: each flush takes the whole buffer
+    other = RunDir(str(tmp_path / "other"))
+    _generate(other, _requests(10), batch_size=4)
+    assert _parts(other) == [4, 4, 2]
+
+
+def test_a_rerun_sends_only_the_missing_ids(stub, tmp_path, capsys):
+    run = RunDir(str(tmp_path / "run"))
+    _generate(run, _requests(6))
+    capsys.readouterr()
+    stats = _generate(run, _requests(10))
+    assert stub.sent[1] == ["r6", "r7", "r8", "r9"]
+    assert "[test] resuming: 6 done, 4 to go" in capsys.readouterr().out
+    assert (stats.requests, stats.generated_now) == (10, 4)
+    assert sorted(results_by_id(run, "gen")) == sorted(f"r{i}" for i in range(10))
+    assert len(run.read_tables("gen")) == 10  # nothing written twice
+    # all done: no engine is built at all
+    again = _generate(run, _requests(10))
+    assert len(stub.sent) == 2 and again.generated_now == 0
+    assert "resuming: 10 done, 0 to go" in capsys.readouterr().out
+
+
+def test_failed_rows_are_not_saved_and_the_rerun_retries_only_them(stub, tmp_path):
+    run = RunDir(str(tmp_path / "run"))
+    stub.fail = {"r7", "r3"}
+    with pytest.raises(GenerationError) as info:
+        _generate(run, _requests(10))
+    message = str(info.value)
+    assert "test: 2 of 10 requests failed in the engine" in message
+    assert "(first: r3: engine died on r3)" in message  # the first in request order
+    assert "8 were saved, rerun to retry the rest" in message
+    saved = results_by_id(run, "gen")
+    assert sorted(saved) == sorted(f"r{i}" for i in range(10) if i not in (3, 7))
+    assert all(r["generated_text"] == f"answer to {k}" for k, r in saved.items())
+
+    stub.fail = set()
+    stats = _generate(run, _requests(10))
+    assert stub.sent[1] == ["r3", "r7"]
+    assert stats.generated_now == 2
+    assert sorted(results_by_id(run, "gen")) == sorted(f"r{i}" for i in range(10))
+
+
+def test_an_engine_the_cluster_cannot_hold_is_refused_before_it_is_built(stub, tmp_path, monkeypatch):
+    import ray
+
+    run = RunDir(str(tmp_path / "run"))
+    with pytest.raises(GenerationError, match=r"1 GPU \(has 0\)"):
+        _generate(run, _requests(2), gpus_per_engine=1)  # the stub's cluster: 2 CPUs, no GPU
+    assert stub.sent == [] and not run.exists("gen")
+    monkeypatch.setattr(ray, "cluster_resources", lambda: pytest.fail("asked the cluster"))
+    _generate(run, _requests(2), gpus_per_engine=1, check_resources=False)  # the autoscaler's job
+    assert stub.sent == [["r0", "r1"]]

@@ -12,6 +12,7 @@ import pyarrow as pa
 import pytest
 
 from ray_align.assets import OFFLINE_JUDGE_NAME, AssetError, asset_home
+from ray_align.judges import offline
 from ray_align.judges.offline import (
     LabelledRow,
     OfflineJudge,
@@ -42,6 +43,14 @@ REFUSAL_AUROC_BAR = 0.85
 # ----------------------------------------------------------------------------- AUROC
 
 
+def _pair_count_auroc(labels, scores) -> float:
+    """AUROC by its definition, independent of ``auroc``'s ranks: over every (positive, negative)
+    pair, 1 when the positive scores higher, 1/2 on a tie."""
+    y, s = np.asarray(labels, dtype=bool), np.asarray(scores, dtype=float)
+    pos, neg = s[y], s[~y]
+    return float(((pos[:, None] > neg[None, :]) + 0.5 * (pos[:, None] == neg[None, :])).mean())
+
+
 def test_auroc_perfect_inverse_and_chance():
     assert auroc([0, 0, 1, 1], [0.1, 0.2, 0.8, 0.9]) == 1.0
     assert auroc([0, 0, 1, 1], [0.9, 0.8, 0.2, 0.1]) == 0.0
@@ -60,9 +69,7 @@ def test_auroc_matches_brute_force_pairs():
     rng = np.random.default_rng(1)
     y = rng.integers(0, 2, 200)
     s = rng.integers(0, 10, 200) / 10  # many ties
-    pos, neg = s[y == 1], s[y == 0]
-    brute = ((pos[:, None] > neg[None, :]) + 0.5 * (pos[:, None] == neg[None, :])).mean()
-    assert auroc(y, s) == pytest.approx(brute)
+    assert auroc(y, s) == pytest.approx(_pair_count_auroc(y, s))
 
 
 def test_auroc_needs_both_classes():
@@ -158,14 +165,62 @@ def test_held_out_metrics_are_recorded_and_good_enough(judge):
     assert metrics["refusal"]["auroc"] > REFUSAL_AUROC_BAR
 
 
-def test_saved_weights_reproduce_the_recorded_held_out_auroc(judge):
-    folder = asset_home() / OFFLINE_JUDGE_NAME
-    meta = json.loads((folder / "judge.json").read_text())
-    for head in ("harm", "refusal"):
-        x, y = judge.weights[f"{head}_heldout_x"], judge.weights[f"{head}_heldout_y"]
-        p = sigmoid(x @ judge.weights[f"{head}_w"] + float(judge.weights[f"{head}_b"]))
-        assert auroc(y, p) == pytest.approx(meta["heads"][head]["held_out"]["auroc"], abs=1e-3)
-        assert len(y) == meta["heads"][head]["held_out"]["n"]
+def test_recorded_held_out_metrics_agree_with_a_recount_from_the_saved_split(judge):
+    """judge.json's held-out numbers, recounted from the saved held-out rows and weights without
+    the project's ``auroc`` or ``sigmoid``: they are the numbers of these weights on these rows,
+    the rows are a fifth of the data apart from the training rows, and the AUROC is in a band a
+    sound weak judge reaches (a perfect one would mean the held-out rows leaked into training)."""
+    meta = json.loads((asset_home() / OFFLINE_JUDGE_NAME / "judge.json").read_text())
+    for head, bar in (("harm", HARM_AUROC_BAR), ("refusal", REFUSAL_AUROC_BAR)):
+        info = meta["heads"][head]
+        recorded = info["held_out"]
+        x = judge.weights[f"{head}_heldout_x"].astype(np.float64)
+        y = judge.weights[f"{head}_heldout_y"].astype(bool)
+        p = 1.0 / (1.0 + np.exp(-(x @ judge.weights[f"{head}_w"] + float(judge.weights[f"{head}_b"]))))
+        assert len(y) == recorded["n"]
+        assert y.mean() == pytest.approx(recorded["positive_rate"], abs=1e-4)
+        assert _pair_count_auroc(y, p) == pytest.approx(recorded["auroc"], abs=1e-3)
+        assert ((p >= info["threshold"]) == y).mean() == pytest.approx(recorded["accuracy"], abs=1.5 / len(y))
+        assert bar < recorded["auroc"] < 0.995
+        # Training and held-out rows split the rows the head was built from, about 1 in 5 held out.
+        assert info["train"]["n"] + recorded["n"] == sum(info["sources"].values())
+        assert 0.1 < recorded["n"] / sum(info["sources"].values()) < 0.35
+
+
+def test_train_head_measures_on_rows_it_never_trained_on(monkeypatch):
+    """``_train_head`` on synthetic rows: no held-out row reaches any fit (cross-validation or
+    final), the split is ``held_out_mask``'s, and the recorded held-out AUROC is that of the
+    returned weights on the returned held-out rows (counted pair by pair)."""
+    rng = np.random.default_rng(3)
+    labels = rng.integers(0, 2, 160)
+    rows = [LabelledRow("s", f"prompt {i}", f"answer {i // 2}", int(labels[i // 2 * 2]), True)
+            for i in range(160)]  # pairs of rows share an answer (and its label)
+    direction = rng.normal(size=6)
+    emb = {}
+    for r in rows:
+        emb[r.prompt] = rng.normal(size=6).astype(np.float32)
+        emb.setdefault(r.response, (rng.normal(size=6) + (1.5 if r.label else -1.5) * direction)
+                       .astype(np.float32))
+    trained_on: list[np.ndarray] = []
+
+    def spy(x, y, l2, max_iter=200):
+        trained_on.append(np.asarray(x, dtype=np.float32))
+        return fit_logistic(x, y, l2, max_iter)
+
+    monkeypatch.setattr(offline, "fit_logistic", spy)
+    info, arrays = offline._train_head(rows, emb)
+
+    held = held_out_mask(rows)
+    assert info["held_out"]["n"] == held.sum() == len(arrays["heldout_y"])
+    assert info["train"]["n"] == (~held).sum()
+    assert len(trained_on) == len(offline.FEATURES) * (len(offline.L2_GRID) * offline.FOLDS + 1)
+    assert max(len(x) for x in trained_on) == (~held).sum()
+    held_rows = {row.tobytes() for row in arrays["heldout_x"].astype(np.float32)}
+    leaked = sum(row.tobytes() in held_rows for x in trained_on for row in x)
+    assert held_rows and leaked == 0, f"{leaked} held-out feature rows reached a fit"
+    p = 1.0 / (1.0 + np.exp(-(arrays["heldout_x"].astype(np.float64) @ arrays["w"] + float(arrays["b"]))))
+    assert _pair_count_auroc(arrays["heldout_y"], p) == pytest.approx(info["held_out"]["auroc"], abs=1e-3)
+    assert info["held_out"]["auroc"] > 0.8  # the synthetic signal is strong
 
 
 def test_obvious_refusal_and_obvious_compliance(judge):

@@ -30,9 +30,36 @@ def test_jsonl_csv_parquet_give_the_same_rows(tmp_path):
         assert table.column("prompt").to_pylist() == [r["q"] for r in rows]
 
 
-def test_ids_are_stable_hashes_without_an_id_column(tmp_path):
-    path = _jsonl(tmp_path / "p.jsonl", [{"prompt": "one"}, {"prompt": "two"}])
-    assert _load(path).table.column("id").to_pylist() == _load(path).table.column("id").to_pylist()
+def _ids_by_prompt(path, **kw):
+    table = _load(path, **kw).table
+    return dict(zip(table.column("prompt").to_pylist(), table.column("id").to_pylist(), strict=True))
+
+
+def test_ids_without_an_id_column_hash_the_text_not_the_row_or_the_format(tmp_path):
+    rows = [{"prompt": "How do tides work?", "category": "science"},
+            {"prompt": "Why is the sky blue?", "category": "physics"},
+            {"prompt": "What is a prime number?", "category": "maths"}]
+    first = _ids_by_prompt(_jsonl(tmp_path / "p.jsonl", rows))
+    assert len(set(first.values())) == 3
+    # Pinned: ids are the resume keys of runs already on disk, so the scheme may not drift.
+    assert first["How do tides work?"] == "p-0e7a2f051350"
+    # The same data in another format, in another order, with another value in an unrelated
+    # column (and a column more), in another folder: every prompt keeps its id.
+    (tmp_path / "other").mkdir()
+    shuffled = [rows[2], rows[0], rows[1]]
+    lines = [f"changed {i},{r['prompt']},x{i}\n" for i, r in enumerate(shuffled)]
+    (tmp_path / "other" / "p.csv").write_text("category,prompt,extra\n" + "".join(lines))
+    assert _ids_by_prompt(str(tmp_path / "other" / "p.csv")) == first
+    # Its place in the file does not count either: the third row loaded on its own.
+    assert _ids_by_prompt(_jsonl(tmp_path / "other" / "p.jsonl", rows), offset=2) == {
+        rows[2]["prompt"]: first[rows[2]["prompt"]]}
+    # The text does: one character changed is another id, and the others stay as they were.
+    edited = [{**rows[0], "prompt": "How do tides work."}, *rows[1:]]
+    (tmp_path / "edited").mkdir()
+    again = _ids_by_prompt(_jsonl(tmp_path / "edited" / "p.jsonl", edited))
+    assert again["How do tides work."] not in first.values()
+    assert {p: again[p] for p in (rows[1]["prompt"], rows[2]["prompt"])} == {
+        p: first[p] for p in (rows[1]["prompt"], rows[2]["prompt"])}
 
 
 def test_offset_and_limit(tmp_path):

@@ -4,8 +4,6 @@ ZeRO-3: only the adapter gathered, then merged into the base)."""
 
 from __future__ import annotations
 
-import socket
-
 import pytest
 import torch
 
@@ -22,24 +20,6 @@ from ray_align.training.core import (
     save_adapter,
     train_step,
 )
-
-
-@pytest.fixture(scope="module")
-def single_process_group():
-    """One gloo group for the module, as Ray Train or torchrun would set up before DeepSpeed
-    (DeepSpeed caches its groups, so they must outlive each test)."""
-    import torch.distributed as dist
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    with pytest.MonkeyPatch.context() as patch:
-        for key, value in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0",
-                           "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_SIZE": "1"}.items():
-            patch.setenv(key, value)
-        dist.init_process_group("gloo")
-        yield
-        dist.destroy_process_group()
 
 
 @pytest.mark.parametrize("zero_stage", [2, 3])
