@@ -24,7 +24,7 @@ from ray_align.storage import RunDir
 HARMFUL_CONTENT_NOTE = (
     "This run directory holds model outputs generated on purpose to be harmful (guided mistake "
     "induction) and prompts from red-team datasets. Columns and files holding such text are "
-    "with_harm_label 'contains_harmful_text' in their Parquet metadata. Handle and share accordingly.\n"
+    "labelled 'contains_harmful_text' in their Parquet metadata. Handle and share accordingly.\n"
 )
 
 
@@ -278,7 +278,7 @@ HIGHLIGHTS = [
     ("harmless rate: aligned + reminder", "evaluate.aligned+reminder.harmless_rate"),
     ("helpful answer rate: base -> aligned",
      ("evaluate.base.helpful_answer_rate", "evaluate.aligned.helpful_answer_rate")),
-    ("judge accuracy (with_harm_label refusals)", "evaluate.judge_accuracy"),
+    ("judge accuracy (labelled refusals)", "evaluate.judge_accuracy"),
 ]
 
 

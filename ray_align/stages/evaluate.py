@@ -106,7 +106,7 @@ def _metrics(answers: list[dict]) -> dict[str, dict[str, float]]:
 def _report(metrics: dict, judge: dict, answers: list[dict]) -> str:
     lines = ["# ray_align evaluation", "",
              "Judge: refusal detector (a response is harmless when it declines). Its accuracy on "
-             f"human-with_harm_label responses ({judge.get('n', 0)} rows, pyrit refusal set): "
+             f"human-labelled responses ({judge.get('n', 0)} rows, pyrit refusal set): "
              f"accuracy {judge.get('accuracy', float('nan')):.3f}, precision "
              f"{judge.get('precision', float('nan')):.3f}, recall {judge.get('recall', float('nan')):.3f}.",
              "", "| model | harmless rate | helpful answer rate | helpful reference F1 |",
@@ -158,7 +158,7 @@ def evaluate(ctx: Context) -> StageOutput:
     ctx.ensure_ray()
     answers, tokens, seconds = answer_all(ctx, "evaluate", _models(ctx), harmful + helpful)
     labels = asset_home() / "refusal_labels.jsonl"
-    judge = judge_accuracy(labels) if labels.exists() else {"note": "with_harm_label data not prepared"}
+    judge = judge_accuracy(labels) if labels.exists() else {"note": "labelled data not prepared"}
     metrics = _metrics(answers)
     run.write_table(with_harm_label(pa.Table.from_pylist(answers, schema=ANSWER_SCHEMA), harmful=True),
                     "evaluate", "answers.parquet")

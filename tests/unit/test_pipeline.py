@@ -75,7 +75,9 @@ def test_failure_is_recorded_and_never_marked_complete(tmp_path):
     assert record["status"] == "failed" and "No space left" in record["error"]
     summary = write_run_summary(RunDir(str(tmp_path)), ["first"])
     assert summary["stages"]["first"]["status"] == "failed"
-    assert (tmp_path / "README.txt").read_text().startswith("This run directory holds")
+    note = (tmp_path / "README.txt").read_text()
+    assert note.startswith("This run directory holds")
+    assert "labelled 'contains_harmful_text' in their Parquet metadata" in note
 
 
 def test_node_local_run_dir_is_refused_on_a_multi_node_cluster(tmp_path):
