@@ -216,8 +216,9 @@ def fake_model(tmp_path):
 @pytest.fixture(scope="module")
 def s3_endpoint():
     """A real S3 API (moto) on loopback, with no buckets."""
-    server_mod = pytest.importorskip("moto.server")
-    server = server_mod.ThreadedMotoServer(ip_address="127.0.0.1", port=free_port(), verbose=False)
+    from moto.server import ThreadedMotoServer  # a dev dependency: missing is a failure
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=free_port(), verbose=False)
     server.start()
     try:
         host, port = server.get_host_and_port()
