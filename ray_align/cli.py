@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import re
 import sys
 import traceback
 from collections.abc import Iterator
@@ -351,33 +350,6 @@ def _run_command(args, cluster: dict[str, str | None]) -> int:
     return 0
 
 
-def _innermost(exc: BaseException) -> BaseException:
-    """The original exception inside Ray's task-error wrappers (whose own text is a traceback)."""
-    while isinstance(getattr(exc, "cause", None), BaseException) and exc.cause is not exc:
-        exc = exc.cause
-    return exc
-
-
-def _error_line(exc: BaseException, own: bool, address: str | None, debug: bool) -> str:
-    """The one line an error gets: the outside world's failure explained (errors.describe), a
-    project error's own message, or the type and first line of anything else."""
-    from ray_align.errors import describe, one_line
-
-    line = describe(exc, address=address)
-    if line and own:
-        uri = re.search(r"\b(?:s3|gs)://[^\s:;,()']+", str(exc))  # which file, when it says
-        if uri and uri.group(0) not in line:
-            line = f"{uri.group(0)}: {line}"
-    if line:
-        return line
-    if own:
-        return str(exc)
-    inner = _innermost(exc)
-    text = one_line(str(inner))
-    where = "" if debug else " (rerun with --debug for the traceback)"
-    return f"{type(inner).__name__}: {text}{where}" if text else f"{type(inner).__name__}{where}"
-
-
 def main(argv: list[str] | None = None) -> int:
     """Run the command; every error ends in one line on stderr and exit code 2 (130 on Ctrl-C),
     with the traceback above it under ``--debug``."""
@@ -386,6 +358,7 @@ def main(argv: list[str] | None = None) -> int:
     from ray_align.assets import AssetError
     from ray_align.bench.common import BenchError
     from ray_align.config import ConfigError
+    from ray_align.errors import error_line
     from ray_align.generate import GenerationError
     from ray_align.lease import LeaseError
     from ray_align.pipeline import StageError
@@ -405,7 +378,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:
         if debug:
             traceback.print_exc()
-        line = _error_line(exc, isinstance(exc, own), cluster["address"], debug)
+        line = error_line(exc, isinstance(exc, own), cluster["address"], debug)
         print(f"ray-align: error: {line}", file=sys.stderr, flush=True)
         return 2
 

@@ -178,3 +178,31 @@ def _cluster(text: str, types: set[str], address: str | None) -> str | None:
                 "ray.address in the config or RAY_ADDRESS (HEAD:6379), or unset both to start a "
                 "local Ray")
     return None
+
+
+# --- the line the CLI prints ------------------------------------------------------------------
+
+
+def _innermost(exc: BaseException) -> BaseException:
+    """The original exception inside Ray's task-error wrappers (whose own text is a traceback)."""
+    while isinstance(getattr(exc, "cause", None), BaseException) and exc.cause is not exc:
+        exc = exc.cause
+    return exc
+
+
+def error_line(exc: BaseException, own: bool, address: str | None, debug: bool) -> str:
+    """The one line an error gets: the outside world's failure explained (errors.describe), a
+    project error's own message (``own``), or the type and first line of anything else."""
+    line = describe(exc, address=address)
+    if line and own:
+        uri = re.search(r"\b(?:s3|gs)://[^\s:;,()']+", str(exc))  # which file, when it says
+        if uri and uri.group(0) not in line:
+            line = f"{uri.group(0)}: {line}"
+    if line:
+        return line
+    if own:
+        return str(exc)
+    inner = _innermost(exc)
+    text = one_line(str(inner))
+    where = "" if debug else " (rerun with --debug for the traceback)"
+    return f"{type(inner).__name__}: {text}{where}" if text else f"{type(inner).__name__}{where}"
