@@ -109,6 +109,10 @@ class EngineConfig(_Strict):
     check_resources: bool = Field(
         True, description="Refuse to start when the cluster cannot hold one engine; turn off "
         "when the autoscaler adds such nodes on demand.")
+    serve_adapters: bool = Field(
+        True, description="Evaluate LoRA-trained models as adapters on the base model's engines "
+        "(one engine pool for the base and every adapter, vLLM multi-LoRA); false serves each "
+        "exported merged model on engines of its own.")
 
     def identity(self) -> dict[str, Any]:
         kwargs = {k: v for k, v in self.engine_kwargs.items() if k in OUTPUT_ENGINE_KWARGS}

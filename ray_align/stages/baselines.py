@@ -7,7 +7,7 @@ from __future__ import annotations
 import pyarrow as pa
 
 from ray_align import prompts
-from ray_align.generate import generate, make_requests, results_by_id
+from ray_align.generate import generate, make_requests, pool_metrics, results_by_id
 from ray_align.pipeline import Context, StageOutput, with_harm_label
 from ray_align.stages.common import set_aside_short, tokens_per_s
 
@@ -53,4 +53,5 @@ def baselines(ctx: Context) -> StageOutput:
     return StageOutput(len(out), "data.parquet", {
         "unusable": unusable, "output_tokens": tokens,
         "tokens_per_s": tokens_per_s(tokens, first.seconds + second.seconds),
+        **pool_metrics([first, second]),
     })

@@ -24,7 +24,13 @@ from ray_align.config import Config
 from ray_align.pipeline import Context, Stage, StageOutput, manifest, run_stage, with_harm_label
 from ray_align.stages.build import write_samples
 from ray_align.stages.common import tokens_per_s
-from ray_align.stages.evaluate import ANSWER_SCHEMA, answer_all, held_out_sets
+from ray_align.stages.evaluate import (
+    ANSWER_SCHEMA,
+    Answerer,
+    answer_all,
+    held_out_sets,
+    trained_answerer,
+)
 from ray_align.stages.train import total_steps, train_model
 
 
@@ -81,22 +87,26 @@ def compare_evaluate(ctx: Context) -> StageOutput:
     harmful, helpful = held_out_sets(ctx, "compare/evaluate")
     items = harmful + attack_items(harmful, cfg.compare.attacks, cfg.compare.attack_limit) + helpful
     ctx.ensure_ray()
-    models = []
-    for trained in [None, *trained_methods(cfg)]:
-        users = [m for m in cfg.compare.methods if trained_model_of(m) == trained]
-        if not users:
-            continue
-        model = cfg.model if trained is None else cfg.model.model_copy(
-            update={"path": run.uri_of(f"{model_folder(trained)}train", "model")})
-        variants = [(m, functools.partial(inference_prompt, m)) for m in users]
-        models.append((trained or "vanilla", model, variants))
-    answers, tokens, seconds = answer_all(ctx, "compare/evaluate", models, items)
+    answers, tokens, seconds, pools = answer_all(ctx, "compare/evaluate", method_answerers(ctx), items)
     run.write_table(with_harm_label(pa.Table.from_pylist(answers, schema=ANSWER_SCHEMA), harmful=True),
                     "compare/evaluate", "answers.parquet")
     return StageOutput(len(answers), "answers.parquet", {
         "output_tokens": tokens, "tokens_per_s": tokens_per_s(tokens, seconds),
         "harmful_prompts": len(harmful), "attack_prompts": len(items) - len(harmful) - len(helpful),
-        "helpful_prompts": len(helpful)})
+        "helpful_prompts": len(helpful), **pools})
+
+
+def method_answerers(ctx: Context) -> list[Answerer]:
+    """Each method of the table with its inference prompt and the model it asks: the base
+    model for the untrained ones, its trained model (a LoRA adapter when possible) otherwise."""
+    answerers = []
+    for method in ctx.config.compare.methods:
+        trained = trained_model_of(method)
+        ask = functools.partial(inference_prompt, method)
+        answerers.append(Answerer(method, ask, ctx.config.model, "vanilla") if trained is None
+                         else trained_answerer(ctx, method, ask, f"{model_folder(trained)}train",
+                                               trained))
+    return answerers
 
 
 def compare_judge(ctx: Context) -> StageOutput:

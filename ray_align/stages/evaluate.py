@@ -4,19 +4,31 @@ held-out harmful and helpful prompts; the aligned model also with the harmlessne
 from __future__ import annotations
 
 import re
+import uuid
 from collections import Counter
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import pyarrow as pa
 
 from ray_align import prompts
 from ray_align.assets import asset_home
 from ray_align.config import ModelConfig
-from ray_align.generate import context_limit, generate, make_requests, results_by_id
+from ray_align.generate import (
+    ADAPTER_COLUMN,
+    VLLM_LORA_RANKS,
+    LoraAdapters,
+    context_limit,
+    generate,
+    make_requests,
+    pool_metrics,
+    results_by_id,
+)
 from ray_align.judges.refusal import is_refusal, judge_accuracy
 from ray_align.pipeline import Context, StageOutput, with_harm_label, write_quarantine
 from ray_align.sources import load_source
 from ray_align.stages.common import tokens_per_s
+from ray_align.storage import RunDir
 
 ANSWER_SCHEMA = pa.schema([
     ("variant", pa.string()), ("set", pa.string()), ("id", pa.string()), ("category", pa.string()),
@@ -49,14 +61,40 @@ def _reminded(prompt: str) -> list:
     return prompts.evaluate_prompt(prompt, reminder=True)
 
 
-def _models(ctx: Context) -> list[tuple[str, ModelConfig, list[Variant]]]:
-    """Each model once (one engine pool each) with its variants."""
+@dataclass(frozen=True)
+class Answerer:
+    """One row of a report: its name, how its prompts are worded, and the model that answers
+    (a model directory, or a LoRA adapter served over that model on its engines)."""
+
+    variant: str
+    to_messages: Callable[[str], list]
+    model: ModelConfig
+    model_name: str  # names the engine pool's parts folder
+    adapter: str | None = None  # run-directory folder of a LoRA adapter trained on ``model``
+
+
+def trained_answerer(ctx: Context, variant: str, to_messages: Callable[[str], list],
+                     train_folder: str, name: str) -> Answerer:
+    """A fine-tuned model's answerer: its LoRA adapter on the base model's engines (one engine
+    pool serves the base and every adapter) when the run trained LoRA and
+    ``engine.serve_adapters`` is on; otherwise its exported model on engines of its own."""
+    cfg, run = ctx.config, ctx.run
+    lora = cfg.train.lora
+    if (lora is not None and cfg.engine.serve_adapters and lora.r <= VLLM_LORA_RANKS[-1]
+            and run.exists(train_folder, "adapter", "adapter_config.json")):
+        return Answerer(variant, to_messages, cfg.model, "base", adapter=f"{train_folder}/adapter")
+    return Answerer(variant, to_messages,
+                    cfg.model.model_copy(update={"path": run.uri_of(train_folder, "model")}), name)
+
+
+def _answerers(ctx: Context) -> list[Answerer]:
+    """The base model plainly; the aligned model plainly and, if asked, with the reminder."""
     cfg = ctx.config
-    aligned = cfg.model.model_copy(update={"path": ctx.run.uri_of("train", "model")})
-    aligned_variants = [("aligned", _plain)]
+    out = [Answerer("base", _plain, cfg.model, "base")]
+    out.append(trained_answerer(ctx, "aligned", _plain, "train", "aligned"))
     if cfg.evaluate.reminder:
-        aligned_variants.append(("aligned+reminder", _reminded))
-    return [("base", cfg.model, [("base", _plain)]), ("aligned", aligned, aligned_variants)]
+        out.append(trained_answerer(ctx, "aligned+reminder", _reminded, "train", "aligned"))
+    return out
 
 
 def held_out_sets(ctx: Context, folder: str = "evaluate") -> tuple[list[dict], list[dict]]:
@@ -122,26 +160,73 @@ def _report(metrics: dict, judge: dict, answers: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-Variant = tuple[str, Callable[[str], list]]  # a name and how its prompts are worded
+Pool = tuple[str, ModelConfig, "LoraAdapters | None"]  # parts folder name, model, its adapters
 
 
-def answer_all(ctx: Context, folder: str, models: list[tuple[str, ModelConfig, list[Variant]]],
-               items: list[dict]) -> tuple[list[dict], int, float]:
-    """Every variant answers every held-out item, one engine pool per model; returns the answer
-    rows (``ANSWER_SCHEMA``), the output tokens and the generation seconds."""
-    cfg, run = ctx.config, ctx.run
-    answers, tokens, seconds = [], 0, 0.0
-    for name, model, variants in models:
-        keys, messages, jobs = [], [], []
-        for variant, to_messages in variants:
+def engine_pools(run: RunDir, folder: str, answerers: list[Answerer], on_gpu: bool) -> list[Pool]:
+    """One engine pool per model directory, in first-use order, each serving the LoRA adapters
+    its answerers name (their largest rank read from ``adapter_config.json``). On CPU engines
+    the base model's rows go to a zero adapter written under ``folder`` (``LoraAdapters``)."""
+    pools: dict[str, tuple[str, ModelConfig, list[str]]] = {}
+    for answerer in answerers:
+        _, _, folders = pools.setdefault(answerer.model.path,
+                                         (answerer.model_name, answerer.model, []))
+        if answerer.adapter and answerer.adapter not in folders:
+            folders.append(answerer.adapter)
+    out: list[Pool] = []
+    for name, model, folders in pools.values():
+        if not folders:
+            out.append((name, model, None))
+            continue
+        rank = max(int(run.read_json(f, "adapter_config.json").get("r") or 1) for f in folders)
+        stand_in = None if on_gpu else write_zero_adapter(run, folders[0], f"{folder}/base-adapter")
+        out.append((f"{name}+lora", model, LoraAdapters(
+            tuple(adapter_name(run, f) for f in folders), max_rank=rank,
+            root=None if run.is_local else run.uri,
+            base_stand_in=adapter_name(run, stand_in) if stand_in else None)))
+    return out
+
+
+def write_zero_adapter(run: RunDir, like: str, folder: str) -> str:
+    """An adapter shaped like ``like`` with every weight zero: it answers as the base model."""
+    from safetensors.numpy import load, save
+
+    weights = load(run.read_bytes(like, "adapter_model.safetensors"))
+    run.write_bytes(run.read_bytes(like, "adapter_config.json"), folder, "adapter_config.json")
+    run.write_bytes(save({k: v * 0 for k, v in weights.items()}), folder, "adapter_model.safetensors")
+    run.write_bytes(uuid.uuid4().hex.encode(), folder, "hash")  # a fresh engine cache entry
+    return folder
+
+
+def adapter_name(run: RunDir, folder: str) -> str:
+    """How a request names an adapter: its absolute folder on a local run directory; on object
+    storage its path under the run directory, which each engine downloads."""
+    return run.uri_of(folder) if run.is_local else folder
+
+
+def answer_all(ctx: Context, folder: str, answerers: list[Answerer],
+               items: list[dict]) -> tuple[list[dict], int, float, dict[str, float | int]]:
+    """Every answerer answers every held-out item, one engine pool per model directory (LoRA
+    adapters ride on their base model's pool); returns the answer rows (``ANSWER_SCHEMA``),
+    the output tokens, the generation seconds and the engine pools' counts."""
+    run = ctx.run
+    answers, stats = [], []
+    on_gpu = ctx.config.engine.gpus_per_engine > 0
+    for pool, model, lora in engine_pools(run, folder, answerers, on_gpu):
+        mine = [a for a in answerers if a.model.path == model.path]
+        keys, messages, adapters, jobs = [], [], [], []
+        for answerer in mine:
             for item in items:
-                keys.append(f"{variant}::{item['set']}::{item['id']}")
-                messages.append(to_messages(item["prompt"]))
-                jobs.append((variant, item))
-        stats = generate(run, (folder, "parts", name), make_requests(keys, messages), model,
-                         cfg.engine, cfg.evaluate.sampling, desc=f"{folder} {name}")
-        tokens, seconds = tokens + stats.output_tokens, seconds + stats.seconds
-        results = results_by_id(run, folder, "parts", name)
+                keys.append(f"{answerer.variant}::{item['set']}::{item['id']}")
+                messages.append(answerer.to_messages(item["prompt"]))
+                adapters.append(adapter_name(run, answerer.adapter) if answerer.adapter else "")
+                jobs.append((answerer.variant, item))
+        requests = make_requests(keys, messages)
+        if lora is not None:
+            requests = requests.append_column(ADAPTER_COLUMN, pa.array(adapters, pa.string()))
+        stats.append(generate(run, (folder, "parts", pool), requests, model, ctx.config.engine,
+                              ctx.config.evaluate.sampling, desc=f"{folder} {pool}", lora=lora))
+        results = results_by_id(run, folder, "parts", pool)
         for key, (variant, item) in zip(keys, jobs, strict=True):
             text = results[key]["generated_text"]
             answers.append({"variant": variant, "set": item["set"], "id": item["id"],
@@ -149,14 +234,17 @@ def answer_all(ctx: Context, folder: str, models: list[tuple[str, ModelConfig, l
                             "prompt": item["prompt"], "answer": text, "refused": is_refusal(text),
                             "reference_f1": unigram_f1(text, item["response"] or "")
                             if item["set"] == "helpful" else None})
-    return answers, tokens, seconds
+    order = {a.variant: i for i, a in enumerate(answerers)}
+    answers.sort(key=lambda a: order[a["variant"]])  # the report's order, whatever the pools'
+    return (answers, sum(s.output_tokens for s in stats), sum(s.seconds for s in stats),
+            pool_metrics(stats))
 
 
 def evaluate(ctx: Context) -> StageOutput:
     run = ctx.run
     harmful, helpful = held_out_sets(ctx)
     ctx.ensure_ray()
-    answers, tokens, seconds = answer_all(ctx, "evaluate", _models(ctx), harmful + helpful)
+    answers, tokens, seconds, pools = answer_all(ctx, "evaluate", _answerers(ctx), harmful + helpful)
     labels = asset_home() / "refusal_labels.jsonl"
     judge = judge_accuracy(labels) if labels.exists() else {"note": "labelled data not prepared"}
     metrics = _metrics(answers)
@@ -168,5 +256,5 @@ def evaluate(ctx: Context) -> StageOutput:
     flat = {f"{v}.{k}": val for v, m in metrics.items() for k, val in m.items()
             if k in ("harmless_rate", "helpful_answer_rate", "helpful_reference_f1")}
     flat.update(judge_accuracy=judge.get("accuracy"), output_tokens=tokens,
-                tokens_per_s=tokens_per_s(tokens, seconds))
+                tokens_per_s=tokens_per_s(tokens, seconds), **pools)
     return StageOutput(len(answers), "answers.parquet", flat)

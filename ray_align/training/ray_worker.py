@@ -207,7 +207,7 @@ def _sum_over_ranks(value: int, device: torch.device | str | None = None) -> int
 
 def _stamp(model_dir: str) -> None:
     """A ``hash`` file naming this export: ``ray.data.llm`` downloads an ``s3://`` / ``gs://``
-    model into a cache folder named by it, so an engine never serves an older export kept in
+    model or LoRA adapter into a cache folder named by it, so an engine never serves an older export kept in
     its cache under the same URI."""
     with open(os.path.join(model_dir, "hash"), "w") as out:
         out.write(uuid.uuid4().hex + uuid.uuid4().hex[:8])
@@ -241,6 +241,7 @@ def _export(engine, model_cfg: ModelConfig, train: TrainConfig, tokenizer, run_d
         else:
             adapter_dir = os.path.join(staging, "adapter")
             save_adapter(engine.module, state, adapter_dir)
+            _stamp(adapter_dir)  # engines serving it from object storage cache it by this
             export_merged_model(model_cfg.path, adapter_dir, model_dir, dtype=dtype,
                                 tokenizer=tokenizer, trust_remote_code=model_cfg.trust_remote_code)
             run.upload_dir(adapter_dir, folder, "adapter")

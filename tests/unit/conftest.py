@@ -19,14 +19,14 @@ from tests.unit.test_config import QUICKSTART
 def fake_generate(reply):
     """Stand-in for ``generate``: writes ``reply(key, messages)`` for every request."""
 
-    def run(run_dir, folder, requests, model, engine, sampling, desc):
+    def run(run_dir, folder, requests, model, engine, sampling, desc, lora=None):
         rows = [{"key": k, "generated_text": reply(k, json.loads(m)), "num_input_tokens": 1,
                  "num_generated_tokens": 3}
                 for k, m in zip(requests.column("key").to_pylist(),
                                 requests.column("messages").to_pylist(), strict=True)]
         run_dir.write_table(pa.Table.from_pylist(rows, schema=generation.RESULT_SCHEMA), *folder,
                             "part-0.parquet")
-        return generation.GenerationStats(len(rows), len(rows), 3 * len(rows), 1.0)
+        return generation.GenerationStats(len(rows), len(rows), 3 * len(rows), 1.0, engine_pools=1)
 
     return run
 

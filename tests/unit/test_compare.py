@@ -7,9 +7,12 @@ from __future__ import annotations
 import json
 import shutil
 
+import numpy as np
 import pytest
+from safetensors.numpy import load, save
 
 from ray_align import baselines as methods
+from ray_align import generate as generation
 from ray_align import prompts
 from ray_align.judges import scoring
 from ray_align.stages import analyze, compare, induce
@@ -141,13 +144,73 @@ def test_baselines_train_for_the_same_number_of_steps(ctx):
     assert compare._budgeted(ctx, None, rows=200) is ctx
 
 
-def test_evaluation_asks_every_method_with_one_engine_pool_per_model(ctx, monkeypatch, tiny_model):
+TRAINED = ("sft", "critique_revise", "chain_of_hindsight", "mistake_analysis")
+
+
+def _trained_models(ctx, tiny_model, monkeypatch, adapters: bool) -> None:
+    """What each method's train stage exports: the merged model, and with LoRA its adapter."""
     ctx.config.evaluate.harmful[0].offset = 3
     ctx.config.data.harmful.limit = 3
     monkeypatch.setattr(induce, "generate", fake_generate(lambda k, m: "Sure"))
     induce.induce(ctx)
-    for method in ("sft", "critique_revise", "chain_of_hindsight", "mistake_analysis"):
-        shutil.copytree(tiny_model, ctx.run.path(f"{compare.model_folder(method)}train", "model"))
+    for rank, method in enumerate(TRAINED):
+        folder = f"{compare.model_folder(method)}train"
+        shutil.copytree(tiny_model, ctx.run.path(folder, "model"))
+        if adapters:  # ranks 8, 16, 24, 32: the pool takes the largest
+            ctx.run.write_json({"r": 8 * (rank + 1), "peft_type": "LORA"}, folder, "adapter",
+                               "adapter_config.json")
+            weights = {"x.lora_A.weight": np.ones((2, 3), np.float32)}
+            ctx.run.write_bytes(save(weights), folder, "adapter", "adapter_model.safetensors")
+
+
+def test_lora_methods_are_adapters_on_one_engine_pool_of_the_base_model(ctx, monkeypatch, tiny_model):
+    _trained_models(ctx, tiny_model, monkeypatch, adapters=True)
+    calls = []
+
+    def recording(run_dir, folder, requests, model, engine, sampling, desc, lora=None):
+        calls.append((folder[-1], model.path, lora, requests.to_pylist()))
+        return fake_generate(lambda k, m: "Sure")(run_dir, folder, requests, model, engine,
+                                                  sampling, desc, lora)
+
+    monkeypatch.setattr(evaluate_stage, "generate", recording)
+    out = compare.compare_evaluate(ctx)
+    assert len(calls) == 1 and out.metrics["engine_pools"] == 1
+    pool, path, lora, requests = calls[0]
+    assert pool == "vanilla+lora" and path == ctx.config.model.path
+    folders = {m: ctx.run.uri_of(f"{compare.model_folder(m)}train", "adapter") for m in TRAINED}
+    assert lora.names == tuple(folders[m] for m in ("sft", "critique_revise", "chain_of_hindsight",
+                                                    "mistake_analysis"))
+    assert lora.max_rank == 32 and lora.root is None  # a local run dir: absolute folders
+    # CPU engines: the base model's rows go to an all-zero adapter (exactly the base model)
+    zero = load(ctx.run.read_bytes("compare/evaluate/base-adapter", "adapter_model.safetensors"))
+    assert lora.base_stand_in == ctx.run.uri_of("compare/evaluate/base-adapter")
+    assert zero["x.lora_A.weight"].shape == (2, 3) and not zero["x.lora_A.weight"].any()
+    assert lora.engine_kwargs()["max_lora_rank"] == 32 and lora.engine_kwargs()["max_loras"] == 5
+    for row in requests:  # every row reaches its own method's adapter, vanilla the base model
+        method = row["key"].split("::")[0]
+        expected = folders.get(method.removesuffix("+reminder"), "")
+        assert row["adapter"] == expected, row["key"]
+    answers = ctx.run.read_table("compare/evaluate", "answers.parquet").to_pylist()
+    assert [a["variant"] for a in answers][0] == "vanilla"
+    assert {a["variant"] for a in answers} == set(ctx.config.compare.methods)
+
+    on_gpu = evaluate_stage.engine_pools(ctx.run, "x", compare.method_answerers(ctx), on_gpu=True)
+    assert on_gpu[0][2].base_stand_in is None and on_gpu[0][2].names == lora.names
+    ctx.config.engine.serve_adapters = False  # back to one pool per model directory
+    pools = evaluate_stage.engine_pools(ctx.run, "x", compare.method_answerers(ctx), on_gpu=False)
+    assert [p[0] for p in pools] == [
+        "vanilla", "sft", "critique_revise", "chain_of_hindsight", "mistake_analysis"]
+
+
+def test_vllm_lora_rank_is_the_smallest_allowed_that_holds_the_adapter():
+    assert [generation.vllm_lora_rank(r) for r in (1, 2, 8, 9, 16, 17, 300, 512)] == [
+        1, 8, 8, 16, 16, 32, 320, 512]
+    with pytest.raises(ValueError, match="merged model"):
+        generation.vllm_lora_rank(513)
+
+
+def test_evaluation_asks_every_method_with_one_engine_pool_per_model(ctx, monkeypatch, tiny_model):
+    _trained_models(ctx, tiny_model, monkeypatch, adapters=False)  # full fine-tuning: no adapters to serve
     pools = []
 
     def answer(key, messages):
@@ -165,9 +228,10 @@ def test_evaluation_asks_every_method_with_one_engine_pool_per_model(ctx, monkey
     ctx.config.compare.attack_limit = 2
     out = compare.compare_evaluate(ctx)
     answers = ctx.run.read_table("compare/evaluate", "answers.parquet").to_pylist()
-    assert [p[0] for p in pools] == ["vanilla", "mistake_analysis", "sft", "critique_revise",
-                                     "chain_of_hindsight"]
-    assert pools[0][1] == ctx.config.model.path and pools[1][1].endswith("/run/train/model")
+    assert [p[0] for p in pools] == ["vanilla", "sft", "critique_revise", "chain_of_hindsight",
+                                     "mistake_analysis"]
+    assert pools[0][1] == ctx.config.model.path and pools[4][1].endswith("/run/train/model")
+    assert out.metrics["engine_pools"] == 5
     per_method = {m: sum(a["variant"] == m for a in answers) for m in ctx.config.compare.methods}
     # 3 held-out harmful + 2 attacks x 2 wrapped + 4 helpful prompts
     assert set(per_method.values()) == {3 + 4 + 4} and out.metrics["attack_prompts"] == 4

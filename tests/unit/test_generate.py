@@ -7,6 +7,7 @@ from ray_align.generate import (
     RESULT_SCHEMA,
     GenerationError,
     GenerationStats,
+    LoraAdapters,
     check_engine_fits,
     engine_kwargs,
     engine_window,
@@ -46,7 +47,8 @@ def test_steady_rate_uses_the_engines_busy_window_when_vllm_reports_it():
     assert done.steady_tokens_per_s == 50.0 and done.tokens_per_s == pytest.approx(200 / 30)
     assert GenerationStats(4, 4, 200, 30.0).steady_tokens_per_s is None
     assert done.metrics() == {"output_tokens": 200, "tokens_per_s": 6.7, "engine_s": 4.0,
-                              "steady_tokens_per_s": 50.0}
+                              "steady_tokens_per_s": 50.0, "engine_pools": 0,
+                              "engine_first_result_s": 0.0}
     assert GenerationStats(4, 4, 200, 30.0).metrics()["engine_s"] is None
 
 
@@ -62,11 +64,16 @@ class StubEngines:
     def __init__(self):
         self.fail: set[str] = set()
         self.sent: list[list[str]] = []  # the keys of each generate() call
+        self.adapters: list[list[str]] = []  # the adapter column of each call that had one
+        self.lora = []  # the LoraAdapters each call was built with
 
-    def build(self, model, engine, sampling):
+    def build(self, model, engine, sampling, lora=None):
         def processor(blocks):
             assert isinstance(blocks, list) and all(isinstance(b, pa.Table) for b in blocks)
             self.sent.append([k for b in blocks for k in b.column("key").to_pylist()])
+            self.lora.append(lora)
+            if "adapter" in blocks[0].column_names:
+                self.adapters.append([a for b in blocks for a in b.column("adapter").to_pylist()])
             return StubDataset(blocks, self.fail)
 
         return processor
@@ -155,6 +162,23 @@ def test_a_rerun_sends_only_the_missing_ids(stub, tmp_path, capsys):
     again = _generate(run, _requests(10))
     assert len(stub.sent) == 2 and again.generated_now == 0
     assert "resuming: 10 done, 0 to go" in capsys.readouterr().out
+    assert (stats.engine_pools, again.engine_pools) == (1, 0)  # an engine start counted once
+
+
+def test_adapter_rows_keep_their_adapter_through_a_resume(stub, tmp_path):
+    run = RunDir(str(tmp_path / "run"))
+    lora = LoraAdapters(("/a/sft",), max_rank=16)
+    requests = _requests(4).append_column("adapter", pa.array(["", "/a/sft", "", "/a/sft"]))
+    generate(run, ("gen",), requests.slice(0, 2), ModelConfig(path="m"), EngineConfig(batch_size=1),
+             SamplingConfig(), "test", lora=lora)
+    generate(run, ("gen",), requests, ModelConfig(path="m"), EngineConfig(batch_size=1),
+             SamplingConfig(), "test", lora=lora)
+    assert stub.sent == [["r0", "r1"], ["r2", "r3"]] and stub.lora == [lora, lora]
+    assert stub.adapters == [["", "/a/sft"], ["", "/a/sft"]]
+    # without an adapter column every row is the base model's
+    generate(run, ("other",), _requests(2), ModelConfig(path="m"), EngineConfig(batch_size=1),
+             SamplingConfig(), "test", lora=lora)
+    assert stub.adapters[-1] == ["", ""]
 
 
 def test_failed_rows_are_not_saved_and_the_rerun_retries_only_them(stub, tmp_path):
