@@ -207,8 +207,8 @@ def _sum_over_ranks(value: int, device: torch.device | str | None = None) -> int
 
 def _stamp(model_dir: str) -> None:
     """A ``hash`` file naming this export: ``ray.data.llm`` downloads an ``s3://`` / ``gs://``
-    model or LoRA adapter into a cache folder named by it, so an engine never serves an older export kept in
-    its cache under the same URI."""
+    model or LoRA adapter into a cache folder named by it, so an engine never serves an older
+    export kept in its cache under the same URI."""
     with open(os.path.join(model_dir, "hash"), "w") as out:
         out.write(uuid.uuid4().hex + uuid.uuid4().hex[:8])
 
