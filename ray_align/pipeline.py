@@ -259,6 +259,9 @@ def write_run_summary(run: RunDir, stage_names: list[str]) -> dict[str, Any]:
         summary["stages"][name] = {k: m.get(k) for k in ("status", "rows", "seconds")}
         for key, value in (m.get("metrics") or {}).items():
             summary.setdefault("metrics", {})[f"{name}.{key}"] = value
+    pools = [v for k, v in summary.get("metrics", {}).items() if k.endswith(".engine_pools")]
+    if pools:  # what each engine start costs: see docs/performance.md
+        summary["metrics"]["engine_pools"] = sum(pools)
     if (manifest(run, "train") or {}).get("status") == "complete":
         summary["model_dir"] = run.uri_of("train", "model")
     if run.exists("evaluate", "report.md"):
@@ -279,6 +282,7 @@ HIGHLIGHTS = [
     ("helpful answer rate: base -> aligned",
      ("evaluate.base.helpful_answer_rate", "evaluate.aligned.helpful_answer_rate")),
     ("judge accuracy (labelled refusals)", "evaluate.judge_accuracy"),
+    ("engine pools started (this run's stages)", "engine_pools"),
 ]
 
 

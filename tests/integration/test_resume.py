@@ -115,5 +115,9 @@ def test_run_on_s3_resumes_induce_and_training_then_serves_the_exported_model(
     assert {a["variant"] for a in answers} == {"base", "aligned", "aligned+reminder"}
     assert all(isinstance(a["answer"], str) for a in answers)
     summary = run.read_json("summary.json")
+    # base and aligned on one engine pool: the LoRA adapter (and the base's zero adapter)
+    # downloaded from S3 by the engine
+    assert summary["metrics"]["evaluate.engine_pools"] == 1
+    assert run.exists("evaluate", "base-adapter", "adapter_model.safetensors")
     assert summary["model_dir"] == run.uri_of("train", "model")
     assert [s["status"] for s in summary["stages"].values()] == ["complete"] * 5

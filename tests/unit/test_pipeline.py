@@ -80,6 +80,18 @@ def test_failure_is_recorded_and_never_marked_complete(tmp_path):
     assert "labelled 'contains_harmful_text' in their Parquet metadata" in note
 
 
+def test_the_summary_counts_every_stages_engine_pools(tmp_path):
+    from ray_align.pipeline import format_summary
+
+    pools = {"first": 1, "second": 2, "third": 0}
+    for name, count in pools.items():
+        run_stage(_ctx(tmp_path), Stage(name, ("induce",), (), lambda ctx, n=count: StageOutput(
+            1, "", {"engine_pools": n})))
+    summary = write_run_summary(RunDir(str(tmp_path)), list(pools))
+    assert summary["metrics"]["engine_pools"] == 3
+    assert "engine pools started (this run's stages): 3" in format_summary(summary)
+
+
 def test_node_local_run_dir_is_refused_on_a_multi_node_cluster(tmp_path):
     from ray_align.pipeline import check_shared_storage
 
