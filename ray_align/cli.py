@@ -133,16 +133,19 @@ def build_parser() -> argparse.ArgumentParser:
     _add_lease_args(compare)
 
     bench = commands.add_parser(
-        "bench", help="benchmark ray_align against the raw engines (generation, training, scale)",
+        "bench", help="benchmark ray_align against the raw engines (generation, training, scale, "
+        "orchestration)",
         description="Run ray_align and its baselines side by side, each in a fresh process, on "
                     "the config's model and data; print a table and write JSON.\n"
                     "  generation: induce machinery vs vLLM LLM.chat vs transformers generate\n"
                     "  training:   train stage (Ray Train) vs the DeepSpeed loop without Ray vs torch\n"
                     "  scale:      cost per item of induce+analyze and of training as sizes grow\n"
+                    "  orchestration: rows/s of generate() around an instant stub engine\n"
                     "The GPU benchmark of the training core (1.1B Llama, MFU) needs no Ray or "
                     "config: python -m ray_align.bench.gpu --help",
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    bench.add_argument("name", choices=["generation", "training", "scale"], help="which benchmark")
+    bench.add_argument("name", choices=["generation", "training", "scale", "orchestration"],
+                       help="which benchmark (orchestration: generate() with an instant stub engine)")
     bench.add_argument("config", nargs="?", default="configs/quickstart.yaml",
                        help="config whose model, engine, training and data settings are used "
                             "(default: configs/quickstart.yaml)")
@@ -151,7 +154,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--max-tokens", type=int, default=64,
                        help="generation: tokens per request; scale: per generation (default 64)")
     bench.add_argument("--rows", type=int, default=128, help="training: rows of token ids")
-    bench.add_argument("--sizes", default="64,256,1024", help="scale: prompt counts")
+    bench.add_argument("--sizes", default=None,
+                       help="scale: prompt counts (default 64,256,1024); orchestration: rows "
+                       "(default 10000,100000,1000000)")
     bench.add_argument("--train-sizes", default="64,256,1024", help="scale: training row counts")
     bench.add_argument("--repeats", type=int, default=1, help="runs per contender (medians)")
     bench.add_argument("--out", help="write the results as JSON here")
@@ -267,7 +272,7 @@ def run_comparison(config, args: argparse.Namespace) -> None:
 
 
 def _bench(args, config) -> int:
-    from ray_align.bench import generation, scale, training
+    from ray_align.bench import generation, orchestration, scale, training
     from ray_align.bench.common import machine, write_json
 
     def sizes(text: str) -> list[int]:
@@ -278,8 +283,10 @@ def _bench(args, config) -> int:
                                   repeats=args.repeats)
     elif args.name == "training":
         result = training.bench(config, rows=args.rows, repeats=args.repeats)
+    elif args.name == "orchestration":
+        result = orchestration.bench(config, sizes(args.sizes or "10000,100000,1000000"))
     else:
-        result = scale.bench(config, sizes(args.sizes), sizes(args.train_sizes),
+        result = scale.bench(config, sizes(args.sizes or "64,256,1024"), sizes(args.train_sizes),
                              max_tokens=args.max_tokens)
     result["machine"] = machine()
     for name, verdict in {**result.get("targets", {}), **result.get("flatness", {})}.items():

@@ -21,7 +21,7 @@ from tqdm import tqdm
 from ray_align.config import EngineConfig, ModelConfig, SamplingConfig
 from ray_align.sources import ContextLimit
 from ray_align.storage import RunDir
-from ray_align.tokenization import chat_prompt_ids, load_tokenizer
+from ray_align.tokenization import chat_prompt_ids, chat_prompt_ids_batch, load_tokenizer
 
 REQUEST_SCHEMA = pa.schema([("key", pa.string()), ("messages", pa.string())])
 ADAPTER_COLUMN = "adapter"  # optional request column: the LoRA adapter that answers ("" = base)
@@ -38,6 +38,7 @@ RESULT_SCHEMA = pa.schema(
 
 
 LIGHT_CPU = 0.1  # CPU share of the row-mapping steps around the engine
+TOKENIZE_ROWS = 4096  # prompts rendered and encoded per tokenizer call
 
 
 class GenerationError(RuntimeError):
@@ -225,8 +226,11 @@ def prompt_token_ids(model: ModelConfig, messages_json: list[str]) -> pa.Array:
     template or tokenizer stage of their own (on a small machine each such stage is an actor
     that holds a CPU and takes seconds to start)."""
     tokenizer = load_tokenizer(model.path, model.trust_remote_code)
-    return pa.array([chat_prompt_ids(tokenizer, json.loads(m)) for m in messages_json],
-                    pa.list_(pa.int32()))
+    ids: list[list[int]] = []
+    for start in range(0, len(messages_json), TOKENIZE_ROWS):
+        chunk = messages_json[start:start + TOKENIZE_ROWS]
+        ids += chat_prompt_ids_batch(tokenizer, [json.loads(m) for m in chunk])
+    return pa.array(ids, pa.list_(pa.int32()))
 
 
 def context_limit(model: ModelConfig, max_tokens: int, to_messages: Callable[[str], list],

@@ -12,6 +12,7 @@ import pytest
 from ray_align.assets import MODEL_NAME, asset_home
 from ray_align.tokenization import (
     chat_prompt_ids,
+    chat_prompt_ids_batch,
     encode_sample,
     load_tokenizer,
     pad_token_id,
@@ -130,3 +131,15 @@ def test_a_tokenizer_is_loaded_once_and_from_object_storage_without_weights(monk
         assert asked == [("s3://bucket/models/smol", True)]
     finally:
         load_tokenizer.cache_clear()
+
+
+def test_prompts_tokenized_in_one_batch_equal_one_at_a_time(smol):
+    conversations = [
+        QUESTION,
+        [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi <|im_end|>"}],
+        [{"role": "user", "content": "Où est la gare ? 東京 🚉"},
+         {"role": "assistant", "content": "Tout droit."}, {"role": "user", "content": "Merci"}],
+        [{"role": "user", "content": ""}],
+    ]
+    assert chat_prompt_ids_batch(smol, conversations) == [chat_prompt_ids(smol, c) for c in conversations]
+    assert chat_prompt_ids_batch(smol, []) == []

@@ -1,0 +1,117 @@
+"""Orchestration ceiling: how many rows per second ``generate()`` moves when the engines cost
+nothing.
+
+Everything outside the engines runs as in a stage (building requests, tokenizing prompts with
+the chat template, the resume check, blocks into Ray Data, collecting results, writing Parquet
+parts); only ``build_engine_processor`` is replaced by an instant stub (a Ray Data map that
+answers every row at once). A pool of many GPUs produces on the order of thousands of rows per
+second: the driver must not be what limits it. Each size runs in a fresh process; the driver's
+peak resident memory tells whether rows stream or pile up.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import threading
+import time
+from typing import Any
+
+from ray_align.bench.common import contender_main, print_table, run_contender
+
+TARGET_ROWS_PER_S = 5000  # the issue's floor: a 64-GPU 8B pool makes about 2,000 rows/s
+STUB_TOKENS = 8  # output tokens the stub claims per row
+
+
+def stub_processor(model, engine, sampling, lora=None):
+    """Stands in for ``build_engine_processor``: same input blocks, same output columns, no
+    engine (answers in microseconds)."""
+    import pyarrow as pa
+
+    def answer(batch: pa.Table) -> pa.Table:
+        n = batch.num_rows
+        return pa.table({"key": batch.column("key"), "generated_text": pa.array(["ok"] * n),
+                         "num_input_tokens": pa.compute.list_value_length(batch.column("prompt_ids")),
+                         "num_generated_tokens": pa.array([STUB_TOKENS] * n, pa.int64()),
+                         "error": pa.array([""] * n),
+                         "engine_window": pa.array([[0.0, 0.0]] * n, pa.list_(pa.float64()))})
+
+    def processor(dataset):
+        return dataset.map_batches(answer, batch_format="pyarrow", batch_size=None, num_cpus=0.5)
+
+    return processor
+
+
+class PeakRss:
+    """This process's peak resident memory while the block runs, in MB (sampled every 50 ms)."""
+
+    def __enter__(self) -> PeakRss:
+        import psutil
+
+        self.process, self.peak_mb = psutil.Process(), 0.0
+        self.base_mb = self.process.memory_info().rss / 1e6
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.05):
+            self.peak_mb = max(self.peak_mb, self.process.memory_info().rss / 1e6)
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def run_generate(spec: dict[str, Any]) -> dict[str, Any]:
+    """``spec["rows"]`` chat requests through ``generate()`` with the stub engine."""
+    import ray
+
+    from ray_align import generate as generation
+    from ray_align.config import Config
+    from ray_align.pipeline import init_ray
+    from ray_align.storage import RunDir
+
+    config = Config.model_validate(spec["config"])
+    generation.build_engine_processor = stub_processor
+    init_ray(config.ray)
+    rows = spec["rows"]
+    try:
+        with tempfile.TemporaryDirectory() as folder, PeakRss() as memory:
+            started = time.perf_counter()
+            requests = generation.make_requests(
+                [f"r{i}" for i in range(rows)],
+                [[{"role": "user", "content": f"Question number {i}: how do plants grow?"}]
+                 for i in range(rows)])
+            built = time.perf_counter()
+            stats = generation.generate(RunDir(folder), ("out",), requests, config.model,
+                                        config.engine, config.induce, desc=f"stub {rows}")
+            wall = time.perf_counter() - started
+            parts = len(RunDir(folder).list_files("out", suffix=".parquet"))
+    finally:
+        ray.shutdown()
+    if stats.generated_now != rows:
+        raise RuntimeError(f"the stub answered {stats.generated_now} of {rows} rows")
+    return {"rows": rows, "wall_s": round(wall, 2), "requests_s": round(built - started, 2),
+            "rows_per_s": round(rows / wall, 1), "driver_base_mb": round(memory.base_mb),
+            "driver_peak_mb": round(memory.peak_mb), "parts": parts}
+
+
+CONTENDERS = {"generate": run_generate}
+
+
+def bench(config, sizes: list[int]) -> dict[str, Any]:
+    """Each size in a fresh process; rows/s and the driver's peak memory per size."""
+    spec = {"config": config.model_dump(mode="json")}
+    rows = [run_contender(__name__.replace("__main__", "ray_align.bench.orchestration"),
+                          "generate", {**spec, "rows": n}) for n in sizes]
+    text = print_table("orchestration ceiling: generate() with an instant stub engine", rows, [
+        ("rows", "rows"), ("rows_per_s", "rows/s"), ("wall_s", "wall s"),
+        ("requests_s", "requests s"), ("driver_peak_mb", "driver peak MB"), ("parts", "parts")])
+    slowest = min(r["rows_per_s"] for r in rows)
+    return {"rows": rows, "table": text, "target_rows_per_s": TARGET_ROWS_PER_S,
+            "met": slowest >= TARGET_ROWS_PER_S}
+
+
+if __name__ == "__main__":
+    contender_main(CONTENDERS)
