@@ -164,7 +164,8 @@ class TrainConfig(_Strict):
     cpus_per_worker: float = Field(1, gt=0)
     epochs: int = Field(1, ge=1)
     max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer steps.")
-    micro_batch_size: int = Field(4, ge=1)
+    micro_batch_size: int = Field(
+        4, ge=1, description="Rows per micro-batch; with packing, packed sequences per micro-batch.")
     grad_accum: int = Field(1, ge=1)
     lr: float = Field(2e-5, gt=0)
     weight_decay: float = Field(0.0, ge=0)
@@ -180,6 +181,9 @@ class TrainConfig(_Strict):
     max_failures: int = Field(0, ge=-1, description="Worker restarts allowed (Ray FailureConfig).")
     lora: LoraConfig | None = None
     seed: int = 0
+    packing: bool = Field(
+        True, description="Pack samples into sequences of up to build.max_seq_len (default "
+        "model.max_model_len) tokens, attention kept within each sample; false: padded rows.")
 
     @model_validator(mode="after")
     def _offload_needs_zero(self) -> TrainConfig:

@@ -25,11 +25,33 @@ def check_resources(train_cfg, available: dict[str, float]) -> None:
                          f"{available.get('GPU', 0):g} GPUs; lower train.num_workers or add GPU nodes.")
 
 
-def total_steps(train_cfg, train_rows: int) -> int:
-    """Optimizer steps the run will take (each worker reads an equal share of the rows)."""
-    micro_per_epoch = math.ceil(train_rows // train_cfg.num_workers / train_cfg.micro_batch_size)
+def total_steps(train_cfg, train_rows: int, micro_per_epoch: int | None = None) -> int:
+    """Optimizer steps the run will take (each worker reads an equal share of the rows), with
+    padded micro-batches; packed, each worker's ``micro_per_epoch`` (``packed_steps``)."""
+    if micro_per_epoch is None:
+        micro_per_epoch = math.ceil(train_rows // train_cfg.num_workers / train_cfg.micro_batch_size)
     steps = train_cfg.epochs * micro_per_epoch // train_cfg.grad_accum
     return min(steps, train_cfg.max_steps or steps)
+
+
+def packed_micro_per_epoch(train_cfg, run, build_folder: str, max_seq_len: int) -> int | None:
+    """Micro-batches a worker takes in a packed epoch, estimated for the progress bar: its
+    share of the rows taken as a contiguous slice (Ray Data hands the shares out as it goes).
+    None where the build's rows cannot be read here."""
+    import pyarrow.compute as pc
+
+    from ray_align.training.core import packed_micro_batches
+    from ray_align.training.ray_worker import LENGTH_GROUP_WINDOW
+
+    if not run.exists(build_folder, "train.parquet"):
+        return None
+    table = run.read_table(build_folder, "train.parquet")
+    lengths = pc.list_value_length(table.column("input_ids")).to_pylist()
+    share = len(lengths) // train_cfg.num_workers
+    return max(packed_micro_batches(lengths[rank * share : (rank + 1) * share],
+                                    train_cfg.micro_batch_size,
+                                    train_cfg.micro_batch_size * LENGTH_GROUP_WINDOW, max_seq_len)
+               for rank in range(train_cfg.num_workers))
 
 
 def ordered_dataset_config():
@@ -78,12 +100,15 @@ def train_model(ctx: Context, build_folder: str, folder: str) -> StageOutput:
     train_rows = data["train"].count()
     if train_rows < cfg.train.num_workers:
         raise ValueError(f"{folder}: {train_rows} training rows for {cfg.train.num_workers} workers")
-    progress = TrainProgressBar(total_steps(cfg.train, train_rows))
+    micro_per_epoch = (packed_micro_per_epoch(cfg.train, run, build_folder, cfg.max_seq_len)
+                       if cfg.train.packing else None)
+    progress = TrainProgressBar(total_steps(cfg.train, train_rows, micro_per_epoch))
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"train": cfg.train.model_dump(mode="json"),
                            "model": cfg.model.model_dump(mode="json"),
                            "run_dir": run.uri, "folder": folder, "train_rows": train_rows,
+                           "max_seq_len": cfg.max_seq_len,
                            "progress": progress.handle},
         scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu,
                                      resources_per_worker={"CPU": cfg.train.cpus_per_worker}),

@@ -40,19 +40,135 @@ def collate(rows: Iterable[tuple[Any, int]], pad_id: int) -> dict[str, torch.Ten
     return {"input_ids": input_ids, "attention_mask": attention, "labels": labels}
 
 
+def pack_rows(rows: Iterable[tuple[Any, int]], capacity: int) -> list[list[tuple[Any, int]]]:
+    """Group rows into sequences of at most ``capacity`` tokens (first-fit decreasing), so a
+    micro-batch carries tokens, not padding. A row longer than ``capacity`` (the build stage
+    truncates to it, so none should be) gets a sequence of its own. Deterministic: the same rows
+    in the same order give the same sequences."""
+    bins: list[list[tuple[Any, int]]] = []
+    room: list[int] = []
+    for row in sorted(rows, key=lambda r: -len(r[0])):  # stable: ties keep their order
+        size = len(row[0])
+        free = next((i for i, left in enumerate(room) if size <= left), None)
+        if free is None:
+            bins.append([row])
+            room.append(capacity - size)
+        else:
+            bins[free].append(row)
+            room[free] -= size
+    return bins
+
+
+def _packed_sequence(rows: list[tuple[Any, int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One packed sequence: ids, labels (targets only) and position ids restarting per sample.
+
+    Each sample's first position is never a target (unpacked, nothing predicts it), so the last
+    token of one sample is never trained to predict the next sample's first token."""
+    ids, labels, positions = [], [], []
+    for row_ids, prompt_len in rows:
+        row = torch.as_tensor(np.asarray(row_ids, dtype=np.int64))
+        target = row.clone()
+        target[: max(prompt_len, 1)] = IGNORE_INDEX
+        ids.append(row)
+        labels.append(target)
+        positions.append(torch.arange(len(row)))
+    return torch.cat(ids), torch.cat(labels), torch.cat(positions)
+
+
+def collate_packed(bins: list[list[tuple[Any, int]]], pad_id: int,
+                   flat: bool = False) -> dict[str, Any]:
+    """A micro-batch of packed sequences; attention stays within each sample.
+
+    Default layout (SDPA, eager, flex): one row per sequence, right-padded, no 2-D attention
+    mask, position ids restarting at every sample: transformers then builds a block-diagonal
+    causal mask from the position ids (``masking_utils.find_packed_sequence_indices``); padding
+    gets position ids of its own, so it is a separate block that real tokens never see.
+    ``flat`` (flash-attention, which has a padding-free varlen kernel): every sample end to end
+    in a single row with ``cu_seq_lens_*`` / ``max_length_*``, no padding at all.
+    ``use_cache`` is off: with a cache transformers ignores the position ids' sample boundaries
+    (and attention would cross samples). ``sample_lengths`` (real tokens per sample, for tokens/s
+    and FLOPs) is not a model input: ``model_inputs`` drops it.
+    """
+    seqs = [_packed_sequence(rows) for rows in bins]
+    lengths = [len(ids) for rows in bins for ids, _ in rows]
+    if flat:
+        input_ids, labels, positions = (torch.cat(part)[None] for part in zip(*seqs, strict=True))
+        cu = torch.tensor([0, *np.cumsum(lengths)], dtype=torch.int32)
+        return {"input_ids": input_ids, "labels": labels, "position_ids": positions,
+                "cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": max(lengths),
+                "max_length_k": max(lengths), "use_cache": False,
+                "sample_lengths": torch.tensor(lengths)}
+    width = max(len(ids) for ids, _, _ in seqs)
+    input_ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(seqs), width), IGNORE_INDEX, dtype=torch.long)
+    positions = torch.arange(width).repeat(len(seqs), 1)
+    for i, (ids, target, pos) in enumerate(seqs):
+        input_ids[i, : len(ids)], labels[i, : len(ids)] = ids, target
+        positions[i, : len(ids)] = pos
+        positions[i, len(ids) :] = torch.arange(width - len(ids))  # padding: a block of its own
+    return {"input_ids": input_ids, "labels": labels, "position_ids": positions,
+            "use_cache": False, "sample_lengths": torch.tensor(lengths)}
+
+
+NOT_MODEL_INPUTS = frozenset({"sample_lengths"})
+
+
+def model_inputs(batch: dict[str, Any], device: torch.device | str | None = None) -> dict[str, Any]:
+    """The keyword arguments a micro-batch gives the model (bookkeeping keys dropped), tensors
+    moved to ``device``."""
+    return {k: v.to(device) if isinstance(v, torch.Tensor) and device is not None else v
+            for k, v in batch.items() if k not in NOT_MODEL_INPUTS}
+
+
+def real_tokens(batch: dict[str, Any]) -> int:
+    """Tokens of the samples in a micro-batch, padding not counted (the measure of tokens/s)."""
+    if "sample_lengths" in batch:
+        return int(batch["sample_lengths"].sum())
+    return int(batch["attention_mask"].sum())
+
+
+def uses_varlen_attention(model) -> bool:
+    """Whether the model's attention has a padding-free varlen kernel (flash-attention): then
+    packed micro-batches are laid out flat (``collate_packed(flat=True)``)."""
+    name = getattr(getattr(model, "config", None), "_attn_implementation", None) or ""
+    return "flash" in name  # flash_attention_2 / _3, or a hub kernel such as .../flash-attn2
+
+
+def packed_micro_batches(lengths: list[int], size: int, window: int, pack_len: int) -> int:
+    """How many micro-batches ``micro_batches(..., size, pack_len=pack_len)`` makes of rows of
+    these lengths read in windows of ``window`` rows (the progress bar's total)."""
+    count = 0
+    for start in range(0, len(lengths), window):
+        rows = [(range(n), 0) for n in lengths[start : start + window]]
+        count += -(-len(pack_rows(rows, pack_len)) // size)
+    return count
+
+
 def micro_batches(
-    batches: Iterable[dict[str, Any]], pad_id: int, size: int | None = None, seed: int = 0
-) -> Iterator[dict[str, torch.Tensor]]:
-    """Turn column batches (``input_ids``, ``prompt_len``) into padded micro-batch tensors.
+    batches: Iterable[dict[str, Any]], pad_id: int, size: int | None = None, seed: int = 0,
+    pack_len: int | None = None, flat: bool = False,
+) -> Iterator[dict[str, Any]]:
+    """Turn column batches (``input_ids``, ``prompt_len``) into micro-batch tensors.
 
     With ``size``, each incoming batch (a window of several micro-batches) is sorted by length
     and cut into micro-batches of ``size`` rows, taken in a seeded random order: rows of like
     length share a micro-batch, so far less compute goes to padding. The order depends only on
     the data and the seed, so a resumed run can skip exactly the micro-batches already done.
+
+    With ``pack_len``, the window's rows are first packed into sequences of at most ``pack_len``
+    tokens (``pack_rows``) and a micro-batch is ``size`` such sequences (``collate_packed``):
+    fewer, fuller micro-batches, the same deterministic order.
     """
     rng = np.random.default_rng(seed)
     for batch in batches:
         rows = list(zip(batch["input_ids"], batch["prompt_len"], strict=True))
+        if pack_len is not None:
+            bins = pack_rows(rows, pack_len)
+            step = size or len(bins)
+            chunks = [bins[i : i + step] for i in range(0, len(bins), step)]
+            for index in rng.permutation(len(chunks)) if size else range(len(chunks)):
+                yield collate_packed(chunks[index], pad_id, flat)
+            continue
         if size is None:
             yield collate(rows, pad_id)
             continue
@@ -123,12 +239,12 @@ def full_state_dict(engine, zero_stage: int, rank: int) -> dict[str, torch.Tenso
     return engine.module.state_dict() if rank == 0 else None
 
 
-def train_step(engine, batch: dict[str, torch.Tensor]) -> tuple[float, int]:
+def train_step(engine, batch: dict[str, Any]) -> tuple[float, int]:
     """One micro-batch through a DeepSpeed engine: forward, backward, step (it accumulates).
 
     Returns the loss and the number of target tokens it was computed on.
     """
-    batch = {k: v.to(engine.device) for k, v in batch.items()}
+    batch = model_inputs(batch, engine.device)
     loss = engine(**batch).loss
     engine.backward(loss)
     engine.step()
@@ -162,12 +278,12 @@ def mean_over_ranks(loss: float, tokens: int,
 
 
 @torch.no_grad()
-def eval_loss(model, batches: Iterable[dict[str, torch.Tensor]], device) -> tuple[float, int]:
+def eval_loss(model, batches: Iterable[dict[str, Any]], device) -> tuple[float, int]:
     """Token-weighted mean loss over batches, and the token count."""
     total, tokens = 0.0, 0
     model.eval()
     for batch in batches:
-        batch = {k: v.to(device) for k, v in batch.items()}
+        batch = model_inputs(batch, device)
         n = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
         total += float(model(**batch).loss) * n
         tokens += n

@@ -32,10 +32,12 @@ from ray_align.training.core import (
     load_model,
     mean_over_ranks,
     micro_batches,
+    real_tokens,
     save_adapter,
     step_loss,
     train_step,
     training_dtype,
+    uses_varlen_attention,
 )
 
 PROGRESS_FILE = "progress.json"
@@ -130,6 +132,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     model = load_model(model_cfg.path, dtype=dtype, trust_remote_code=model_cfg.trust_remote_code,
                        lora=train.lora, gradient_checkpointing=train.gradient_checkpointing)
     engine = deepspeed_engine(model, train, world)
+    # packing: sequences of up to the build's max_seq_len, laid out flat for flash-attention
+    pack_len = loop_config["max_seq_len"] if train.packing else None
+    flat = uses_varlen_attention(model)
     progress = restore(engine, ray.train.get_checkpoint())
     resumed_from = progress["global_step"]  # 0 unless this attempt continues a checkpoint
     rows_per_rank = loop_config["train_rows"] // world
@@ -141,7 +146,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     val_shard = ray.train.get_dataset_shard("validation")
 
     started, tokens, train_s = time.perf_counter(), 0, 0.0  # train_s: training loops only
-    micro_done = progress["epoch"] * batches_per_epoch + progress["batches_done"]
+    # micro-batches trained in the run so far; packed epochs differ in length, so checkpoints
+    # record it (older ones, never packed, have epochs of ``batches_per_epoch``)
+    micro_done = progress.get("micro_done",
+                              progress["epoch"] * batches_per_epoch + progress["batches_done"])
     loss = float("nan")  # the last optimizer step's
     # (loss, target tokens) of the step under way, which may span an epoch's end, as DeepSpeed's
     # accumulation does
@@ -150,7 +158,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         skip = progress["batches_done"] if epoch == progress["epoch"] else 0
         window = shard.iter_batches(batch_size=train.micro_batch_size * LENGTH_GROUP_WINDOW,
                                     batch_format="numpy", drop_last=False)
-        batches = micro_batches(window, pad_id, train.micro_batch_size, seed=train.seed + epoch)
+        batches = micro_batches(window, pad_id, train.micro_batch_size, seed=train.seed + epoch,
+                                pack_len=pack_len, flat=flat)
         epoch_started = time.perf_counter()
         for index, batch in enumerate(batches):
             if index < skip:
@@ -158,13 +167,13 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             if max_micro is not None and micro_done >= max_micro:
                 break
             step.append(train_step(engine, batch))
-            tokens += int(batch["attention_mask"].sum())
+            tokens += real_tokens(batch)
             micro_done += 1
             if micro_done % train.grad_accum == 0:  # an optimizer step ended: report its loss
                 loss = step_loss(step)
                 step.clear()
             if schedule.after_micro_batch(micro_done):
-                state = {"epoch": epoch, "batches_done": index + 1,
+                state = {"epoch": epoch, "batches_done": index + 1, "micro_done": micro_done,
                          "global_step": engine.global_steps, "tokens": progress["tokens"] + tokens}
                 _save(engine, state, {"loss": loss, "global_step": engine.global_steps,
                                       "epoch": epoch})
@@ -186,8 +195,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             "tokens": everyone, "resumed_from_step": resumed_from,
         }
         if schedule.at_epoch_end(micro_done, finished):
-            state = {"epoch": epoch + 1, "batches_done": 0, "global_step": engine.global_steps,
-                     "tokens": progress["tokens"] + tokens}
+            state = {"epoch": epoch + 1, "batches_done": 0, "micro_done": micro_done,
+                     "global_step": engine.global_steps, "tokens": progress["tokens"] + tokens}
             _save(engine, state, metrics)
         else:
             ray.train.report(metrics)  # the checkpoint waits for the step to end

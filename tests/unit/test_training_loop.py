@@ -59,7 +59,8 @@ class FakeShard:
                    "prompt_len": np.ones(count, dtype=int)}
 
 
-def run_loop(monkeypatch, train: TrainConfig, rows: int, progress: dict | None = None):
+def run_loop(monkeypatch, train: TrainConfig, rows: int, progress: dict | None = None,
+             max_seq_len: int = 12):
     """Run ``train_loop_per_worker`` on one rank with fakes; what it saved and reported."""
     import ray.train
 
@@ -100,12 +101,16 @@ def run_loop(monkeypatch, train: TrainConfig, rows: int, progress: dict | None =
     monkeypatch.setattr(ray.train, "report", lambda metrics, **kw: events.append(("report", metrics)))
     ray_worker.train_loop_per_worker({
         "train": train.model_dump(mode="json"), "model": ModelConfig(path="m").model_dump(mode="json"),
-        "run_dir": "unused", "folder": "train", "train_rows": rows})
+        "run_dir": "unused", "folder": "train", "train_rows": rows, "max_seq_len": max_seq_len})
     return events, engine
 
 
 # 10 rows in micro-batches of 2: 5 per epoch; steps of 2 micro-batches: epoch 1 ends mid-step.
-TRAIN = TrainConfig(num_workers=1, micro_batch_size=2, grad_accum=2, epochs=3, precision="fp32")
+TRAIN = TrainConfig(num_workers=1, micro_batch_size=2, grad_accum=2, epochs=3, precision="fp32",
+                    packing=False)
+# Packed: rows of 3, 4, 5 tokens into sequences of up to 12, one sequence per micro-batch.
+PACKED = TrainConfig(num_workers=1, micro_batch_size=1, grad_accum=2, epochs=3, precision="fp32",
+                     checkpoint_every_steps=1)
 
 
 def test_an_epoch_ending_mid_step_saves_at_the_next_step_with_its_position(monkeypatch):
@@ -142,8 +147,25 @@ def test_a_resume_from_any_checkpoint_takes_the_same_steps(monkeypatch, resume_a
 def test_the_run_takes_total_steps(monkeypatch, rows, micro, accum, epochs, max_steps):
     """The progress bar's total (``stages.train.total_steps``) is what training takes."""
     train = TrainConfig(num_workers=1, micro_batch_size=micro, grad_accum=accum, epochs=epochs,
-                        max_steps=max_steps, checkpoint_every_steps=1, precision="fp32")
+                        max_steps=max_steps, checkpoint_every_steps=1, precision="fp32",
+                        packing=False)
     events, engine = run_loop(monkeypatch, train, rows)
     assert engine.global_steps == total_steps(train, rows)
     saves = [e for e in events if e[0] == "save"]
     assert all(at_boundary for *_, at_boundary in saves[:-1])
+
+
+@pytest.mark.parametrize("resume_at", [0, 2, 3])
+def test_packed_training_resumes_at_the_same_micro_batch_and_counts_real_tokens(monkeypatch,
+                                                                              resume_at):
+    """Packed epochs are not ``rows / micro_batch_size`` long: checkpoints record the
+    micro-batches done, and a resume from any of them takes the same steps after it."""
+    events, engine = run_loop(monkeypatch, PACKED, rows=10)
+    saves = [e for e in events if e[0] == "save"]
+    assert all(at_boundary for *_, at_boundary in saves[:-1])
+    assert [e[1]["tokens"] for e in saves if e[1]["batches_done"] == 0] == [39, 78, 117]
+    assert [e[1]["micro_done"] for e in saves if e[1]["batches_done"] == 0] == [4, 8, 12]
+    assert events[-1] == ("export", 6)  # 39 tokens an epoch: 4 sequences of up to 12
+    again = [e for e in run_loop(monkeypatch, PACKED, rows=10, progress=saves[resume_at][1])[0]
+             if e[0] == "save"]
+    assert [e[1] for e in again] == [e[1] for e in saves[resume_at + 1:]]
