@@ -66,6 +66,8 @@ def test_gpu_bench_runs_on_cpu_with_the_smoke_shape(tmp_path):
     report = json.loads(out.read_text())
     rows = {r["contender"]: r for r in report["results"]}
     assert set(rows) == {"core", "torch_compile"}
-    assert {r["tokens"] for r in rows.values()} == {2 * 2 * 32}
-    assert all(r["tok_s"] > 0 and r["mfu"] is None for r in rows.values())  # no known peak on CPU
+    tokens = {r["tokens"] for r in rows.values()}  # real tokens of the same packed batches
+    assert len(tokens) == 1 and 0 < tokens.pop() <= 2 * 2 * 32
+    assert all(r["tok_s"] > 0 and r["mfu"] is None and r["mfu_attn"] is None  # no known peak on CPU
+               for r in rows.values())
     assert "mfu" not in report["targets"] and report["targets"]["torch_compile"]["measured"] > 0
