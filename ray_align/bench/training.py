@@ -1,8 +1,8 @@
 """Training benchmark: ray_align's train stage (Ray Train + DeepSpeed ZeRO, data from Ray Data)
 against the same DeepSpeed loop without Ray, and against a plain single-process torch loop.
 
-Same model, rows (token ids), global batch and length grouping. Tokens are real (unpadded)
-tokens; tokens/s is measured over the training loop, start-up reported apart.
+Same model, rows (token ids), global batch, length grouping and packing (``train.packing``).
+Tokens are real (unpadded) tokens; tokens/s is measured over the training loop, start-up reported apart.
 """
 
 from __future__ import annotations
@@ -61,6 +61,7 @@ def _deepspeed_rank(rank: int, spec: dict[str, Any], port: int, queue) -> None:
         deepspeed_engine,
         load_model,
         micro_batches,
+        real_tokens,
         train_step,
         training_dtype,
     )
@@ -78,9 +79,9 @@ def _deepspeed_rank(rank: int, spec: dict[str, Any], port: int, queue) -> None:
     dist.barrier()
     began, tokens = time.perf_counter(), 0
     for batch in micro_batches(_windows(rows, train.micro_batch_size), spec["pad_id"],
-                               train.micro_batch_size, seed=train.seed):
+                               train.micro_batch_size, seed=train.seed, pack_len=spec["pack_len"]):
         train_step(engine, batch)
-        tokens += int(batch["attention_mask"].sum())
+        tokens += real_tokens(batch)
     dist.barrier()
     loop_s = time.perf_counter() - began
     total = torch.tensor([tokens])
@@ -116,7 +117,7 @@ def run_torch(spec: dict[str, Any]) -> dict[str, Any]:
     import torch
 
     from ray_align.config import ModelConfig, TrainConfig
-    from ray_align.training.core import load_model, micro_batches, training_dtype
+    from ray_align.training.core import load_model, micro_batches, model_inputs, real_tokens, training_dtype
 
     started = time.perf_counter()
     train, model_cfg = TrainConfig(**spec["config"]["train"]), ModelConfig(**spec["config"]["model"])
@@ -126,12 +127,13 @@ def run_torch(spec: dict[str, Any]) -> dict[str, Any]:
                                   betas=(0.9, 0.95), weight_decay=train.weight_decay)
     micro = train.micro_batch_size * train.num_workers
     began, tokens = time.perf_counter(), 0
-    for batch in micro_batches(_windows(spec["rows"], micro), spec["pad_id"], micro, seed=train.seed):
-        model(**batch).loss.backward()
+    for batch in micro_batches(_windows(spec["rows"], micro), spec["pad_id"], micro, seed=train.seed,
+                               pack_len=spec["pack_len"]):
+        model(**model_inputs(batch)).loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        tokens += int(batch["attention_mask"].sum())
+        tokens += real_tokens(batch)
     loop_s = time.perf_counter() - began
     return {"start_s": began - started, "loop_s": loop_s, "tokens": tokens,
             "loop_tok_s": tokens / loop_s, "total_s": time.perf_counter() - started}
@@ -158,6 +160,7 @@ def bench(config, rows: int = 128, repeats: int = 1,
     cfg = config.model_copy(deep=True)
     cfg.train.epochs, cfg.train.max_steps, cfg.train.checkpoint_every_steps = 1, None, None
     spec = {"config": cfg.model_dump(mode="json"), "rows": data, "pad_id": pad_id,
+            "pack_len": config.max_seq_len if config.train.packing else None,  # as the train stage
             "num_cpus": config.ray.num_cpus or os.cpu_count()}
     results, runs, targets = side_by_side(__name__, contenders, spec, repeats, "loop_tok_s", TARGETS)
     t = config.train
