@@ -138,8 +138,12 @@ def _budgeted(ctx: Context, steps: int | None, rows: int) -> Context:
         return ctx
     cfg = ctx.config
     limit = min(steps, cfg.train.max_steps or steps)
-    per_epoch = max(total_steps(cfg.train.model_copy(update={"epochs": 1, "max_steps": None}), rows), 1)
-    epochs = max(cfg.train.epochs, math.ceil(limit / per_epoch))
+    if cfg.train.packing:  # packed epochs have no step count known here: the step cap decides
+        epochs = max(cfg.train.epochs, limit)
+    else:
+        per_epoch = max(total_steps(cfg.train.model_copy(update={"epochs": 1, "max_steps": None}),
+                                    rows), 1)
+        epochs = max(cfg.train.epochs, math.ceil(limit / per_epoch))
     train = cfg.train.model_copy(update={"max_steps": limit, "epochs": epochs})
     return dataclasses.replace(ctx, config=cfg.model_copy(update={"train": train}))
 
@@ -156,6 +160,13 @@ def compare_plan(cfg: Config) -> list[Stage]:
             STAGES["compare/judge"]]
 
 
+def _steps_taken(ctx: Context) -> int:
+    """Mistake analysis's optimizer steps: what its finished training recorded (packed epochs
+    make the count known only once trained), else what its padded rows make."""
+    steps = ((manifest(ctx.run, "train") or {}).get("metrics") or {}).get("global_step")
+    return int(steps) if steps else total_steps(ctx.config.train, _train_rows(ctx, "build"))
+
+
 def _train_rows(ctx: Context, build_stage: str) -> int:
     return manifest(ctx.run, build_stage)["metrics"]["train_rows"]
 
@@ -170,5 +181,5 @@ def run_compare(ctx: Context) -> None:
         if stage.name not in baseline_trains:
             run_stage(ctx, stage)
             continue
-        budget = total_steps(cfg.train, _train_rows(ctx, "build")) if "mistake_analysis" in trained else None
+        budget = _steps_taken(ctx) if "mistake_analysis" in trained else None
         run_stage(_budgeted(ctx, budget, _train_rows(ctx, baseline_trains[stage.name])), stage)

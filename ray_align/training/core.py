@@ -262,6 +262,29 @@ def weighted_mean(total: float, tokens: int) -> float:
     return total / tokens if tokens else float("nan")
 
 
+def while_every_rank_has_one(batches: Iterable[Any],
+                             device: torch.device | str | None = None) -> Iterator[Any]:
+    """The micro-batches for as long as every rank still has one. Packed epochs differ in
+    length between ranks (each packs its own rows); a rank stepping alone would wait forever in
+    the gradient all-reduce, so all stop at the shortest (a few packed sequences of the longer
+    ranks are left out of that epoch). One all-reduce of one number per micro-batch; without a
+    process group, every batch."""
+    import torch.distributed as dist
+
+    together = dist.is_available() and dist.is_initialized()
+    iterator = iter(batches)
+    while True:
+        batch = next(iterator, None)
+        if together:
+            have = torch.tensor([0 if batch is None else 1], dtype=torch.long, device=device)
+            dist.all_reduce(have, op=dist.ReduceOp.MIN)
+            if not int(have):
+                return
+        elif batch is None:
+            return
+        yield batch
+
+
 def mean_over_ranks(loss: float, tokens: int,
                     device: torch.device | str | None = None) -> tuple[float, int]:
     """The token-weighted mean of every rank's (mean loss, tokens), and all their tokens: each

@@ -38,6 +38,7 @@ from ray_align.training.core import (
     train_step,
     training_dtype,
     uses_varlen_attention,
+    while_every_rank_has_one,
 )
 
 PROGRESS_FILE = "progress.json"
@@ -160,6 +161,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                                     batch_format="numpy", drop_last=False)
         batches = micro_batches(window, pad_id, train.micro_batch_size, seed=train.seed + epoch,
                                 pack_len=pack_len, flat=flat)
+        if pack_len is not None:  # ranks pack their own rows: epochs of unequal length
+            batches = while_every_rank_has_one(batches, engine.device)
         epoch_started = time.perf_counter()
         for index, batch in enumerate(batches):
             if index < skip:

@@ -142,6 +142,10 @@ def test_baselines_train_for_the_same_number_of_steps(ctx):
     ctx.config.train.max_steps = 3
     assert compare._budgeted(ctx, 7, rows=200).config.train.max_steps == 3
     assert compare._budgeted(ctx, None, rows=200) is ctx
+    ctx.config.train.max_steps = None
+    ctx.config.train.packing = True  # packed epochs: enough of them, the step cap stops at 7
+    packed = compare._budgeted(ctx, 7, rows=24).config.train
+    assert (packed.max_steps, packed.epochs) == (7, 7)
 
 
 TRAINED = ("sft", "critique_revise", "chain_of_hindsight", "mistake_analysis")

@@ -10,6 +10,7 @@ from ray_align.training.core import (
     mean_over_ranks,
     micro_batches,
     training_dtype,
+    while_every_rank_has_one,
 )
 from ray_align.training.deepspeed_config import deepspeed_config
 
@@ -113,3 +114,34 @@ def test_without_a_process_group_the_mean_is_this_processs_own():
     assert mean_over_ranks(2.5, 8) == (2.5, 8)
     loss, tokens = mean_over_ranks(float("nan"), 0)
     assert math.isnan(loss) and tokens == 0
+
+
+def _count_on_rank(rank: int, init: str, lengths: list[int], out) -> None:
+    """One gloo rank with ``lengths[rank]`` micro-batches: how many it steps."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=len(lengths))
+    try:
+        out.put((rank, len(list(while_every_rank_has_one(range(lengths[rank]))))))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ranks_with_epochs_of_unequal_length_all_stop_at_the_shortest(tmp_path):
+    """Packed epochs differ between ranks: every rank must take the same number of steps, or
+    the longer one waits forever in the gradient all-reduce."""
+    import torch.multiprocessing as mp
+
+    context = mp.get_context("spawn")
+    out = context.Queue()
+    lengths = [5, 3, 4]
+    init = f"file://{tmp_path / 'store'}"
+    procs = [context.Process(target=_count_on_rank, args=(r, init, lengths, out))
+             for r in range(len(lengths))]
+    for proc in procs:
+        proc.start()
+    results = dict(out.get(timeout=120) for _ in procs)
+    for proc in procs:
+        proc.join(timeout=60)
+    assert results == {0: 3, 1: 3, 2: 3}
+    assert len(list(while_every_rank_has_one(range(4)))) == 4  # no process group: all of them
