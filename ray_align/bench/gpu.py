@@ -12,12 +12,18 @@ same code on a CPU in seconds (the CI smoke test; its numbers mean nothing).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import time
 from typing import Any
 
-from ray_align.bench.common import contender_main, free_port, machine, print_table, side_by_side
+from ray_align.bench.common import (
+    contender_main,
+    free_port,
+    machine,
+    print_table,
+    side_by_side,
+    write_json,
+)
 
 SHAPES: dict[str, dict[str, int]] = {
     "tinyllama-1.1b": {"hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 22,
@@ -247,9 +253,7 @@ def main(argv: list[str] | None = None) -> int:
     result["machine"] = machine()
     for name, verdict in result["targets"].items():
         print(f"target vs {name}: {verdict}")
-    if args.out:
-        with open(args.out, "w", encoding="utf-8") as out:
-            json.dump(result, out, indent=2)
+    write_json(args.out, result)
     return 0
 
 

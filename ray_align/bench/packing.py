@@ -10,13 +10,12 @@ tokens only, peak RSS is the process's own. Run as
 from __future__ import annotations
 
 import argparse
-import json
 import resource
 import sys
 import time
 from typing import Any
 
-from ray_align.bench.common import contender_main, machine, print_table, side_by_side
+from ray_align.bench.common import contender_main, machine, print_table, side_by_side, write_json
 
 CONTENDERS = ("packed", "padded")
 
@@ -101,9 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     result = bench(load_config(args.config), args.rows, args.repeats, args.threads)
     result["machine"] = machine()
-    if args.out:
-        with open(args.out, "w", encoding="utf-8") as out:
-            json.dump(result, out, indent=2)
+    write_json(args.out, result)
     return 0
 
 
