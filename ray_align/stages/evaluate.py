@@ -77,10 +77,11 @@ def trained_answerer(ctx: Context, variant: str, to_messages: Callable[[str], li
                      train_folder: str, name: str) -> Answerer:
     """A fine-tuned model's answerer: its LoRA adapter on the base model's engines (one engine
     pool serves the base and every adapter) when the run trained LoRA and
-    ``engine.serve_adapters`` is on; otherwise its exported model on engines of its own."""
+    ``engine.serve_adapters`` is on (by default on GPU engines); otherwise its exported model on
+    engines of its own."""
     cfg, run = ctx.config, ctx.run
     lora = cfg.train.lora
-    if (lora is not None and cfg.engine.serve_adapters and lora.r <= VLLM_LORA_RANKS[-1]
+    if (lora is not None and cfg.engine.adapters_on_base and lora.r <= VLLM_LORA_RANKS[-1]
             and run.exists(train_folder, "adapter", "adapter_config.json")):
         return Answerer(variant, to_messages, cfg.model, "base", adapter=f"{train_folder}/adapter")
     return Answerer(variant, to_messages,

