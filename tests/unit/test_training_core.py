@@ -81,33 +81,42 @@ def test_training_dtype_follows_the_precision():
     assert training_dtype(TrainConfig(precision="fp32")) == torch.float32
 
 
-def _reduce_on_rank(rank: int, init: str, shards: list[tuple[float, int]], out) -> None:
-    """One gloo rank: its own shard's (mean loss, tokens) in, everyone's mean out."""
+def _on_rank(rank: int, init: str, inputs: list, work, out) -> None:
+    """One gloo rank of ``len(inputs)``: ``work(its input)``'s result goes to ``out``."""
     import torch.distributed as dist
 
-    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=len(shards))
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=len(inputs))
     try:
-        out.put((rank, mean_over_ranks(*shards[rank])))
+        out.put((rank, work(inputs[rank])))
     finally:
         dist.destroy_process_group()
 
 
-def test_validation_loss_is_the_token_weighted_mean_over_all_ranks(tmp_path):
-    """Each rank evaluates its own shard: the loss is every token's, not rank 0's (2.0)."""
+def on_ranks(tmp_path, work, inputs: list) -> dict[int, object]:
+    """Run ``work`` on one spawned gloo rank per input; each rank's result by rank."""
     import torch.multiprocessing as mp
 
     context = mp.get_context("spawn")
     out = context.Queue()
-    shards = [(2.0, 10), (4.0, 30), (float("nan"), 0)]  # the last rank's shard had no tokens
     init = f"file://{tmp_path / 'store'}"
-    procs = [context.Process(target=_reduce_on_rank, args=(r, init, shards, out))
-             for r in range(len(shards))]
+    procs = [context.Process(target=_on_rank, args=(r, init, inputs, work, out))
+             for r in range(len(inputs))]
     for proc in procs:
         proc.start()
     results = dict(out.get(timeout=120) for _ in procs)
     for proc in procs:
         proc.join(timeout=60)
-    assert results == {r: (3.5, 40) for r in range(len(shards))}
+    return results
+
+
+def _mean_of_shard(shard: tuple[float, int]) -> tuple[float, int]:
+    return mean_over_ranks(*shard)
+
+
+def test_validation_loss_is_the_token_weighted_mean_over_all_ranks(tmp_path):
+    """Each rank evaluates its own shard: the loss is every token's, not rank 0's (2.0)."""
+    shards = [(2.0, 10), (4.0, 30), (float("nan"), 0)]  # the last rank's shard had no tokens
+    assert on_ranks(tmp_path, _mean_of_shard, shards) == {r: (3.5, 40) for r in range(len(shards))}
 
 
 def test_without_a_process_group_the_mean_is_this_processs_own():
@@ -116,32 +125,12 @@ def test_without_a_process_group_the_mean_is_this_processs_own():
     assert math.isnan(loss) and tokens == 0
 
 
-def _count_on_rank(rank: int, init: str, lengths: list[int], out) -> None:
-    """One gloo rank with ``lengths[rank]`` micro-batches: how many it steps."""
-    import torch.distributed as dist
-
-    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=len(lengths))
-    try:
-        out.put((rank, len(list(while_every_rank_has_one(range(lengths[rank]))))))
-    finally:
-        dist.destroy_process_group()
+def _steps_taken(micro_batches: int) -> int:
+    return len(list(while_every_rank_has_one(range(micro_batches))))
 
 
 def test_ranks_with_epochs_of_unequal_length_all_stop_at_the_shortest(tmp_path):
     """Packed epochs differ between ranks: every rank must take the same number of steps, or
     the longer one waits forever in the gradient all-reduce."""
-    import torch.multiprocessing as mp
-
-    context = mp.get_context("spawn")
-    out = context.Queue()
-    lengths = [5, 3, 4]
-    init = f"file://{tmp_path / 'store'}"
-    procs = [context.Process(target=_count_on_rank, args=(r, init, lengths, out))
-             for r in range(len(lengths))]
-    for proc in procs:
-        proc.start()
-    results = dict(out.get(timeout=120) for _ in procs)
-    for proc in procs:
-        proc.join(timeout=60)
-    assert results == {0: 3, 1: 3, 2: 3}
+    assert on_ranks(tmp_path, _steps_taken, [5, 3, 4]) == {0: 3, 1: 3, 2: 3}
     assert len(list(while_every_rank_has_one(range(4)))) == 4  # no process group: all of them
