@@ -8,7 +8,8 @@
 #   bash scripts/gpu_check.sh [--quick] [ARGS]   # on the GPU machine (.whl/ carried along)
 #
 # The image has no pydantic (ray_align.config needs it) and no DeepSpeed (the core's engine; the
-# ZeRO-3 check is skipped without it, the core contender fails and is recorded as failed).
+# ZeRO-3 check is skipped without it, the core contender fails and is recorded as failed): their
+# wheels travel in .whl/ (5.6 MB), with DeepSpeed's dependencies the image may lack.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 PYTHON=${PYTHON:-python3}
@@ -21,10 +22,11 @@ if [[ "${1:-}" == "--prepare-wheels" ]]; then
     "${platforms[@]}" -d .whl \
     "pydantic==$(.venv/bin/python -c 'import pydantic; print(pydantic.VERSION)')" \
     "pydantic-core==$(.venv/bin/python -c 'import pydantic_core; print(pydantic_core.__version__)')" \
-    annotated-types typing-inspection hjson
+    annotated-types typing-inspection typing-extensions hjson einops msgpack ninja py-cpuinfo
   # DeepSpeed is published as source only: a wheel of its Python code, ops built just in time
+  # (the version from the package metadata: importing deepspeed prints a warning on stdout)
   DS_BUILD_OPS=0 .venv/bin/python -m pip wheel --no-deps --no-build-isolation -w .whl \
-    "deepspeed==$(.venv/bin/python -c 'import deepspeed; print(deepspeed.__version__)')"
+    "deepspeed==$(.venv/bin/python -c 'from importlib.metadata import version; print(version("deepspeed"))')"
   ls -l .whl
   exit 0
 fi
