@@ -75,14 +75,14 @@ def _requests(answers: list[dict], kind: str):
 
 
 def _llm(ctx: Context, answers: list[dict]) -> tuple[dict[tuple[str, Task], dict], dict]:
-    from ray_align.generate import generate, results_by_id
+    from ray_align.generate import generate, pool_metrics, results_by_id
 
     cfg, run = ctx.config, ctx.run
     judge = cfg.compare.judge
     keys, requests = _requests(answers, "llm")
     ctx.ensure_ray()
-    generate(run, ("compare/judge", "parts"), requests, judge.model, cfg.engine, judge.sampling,
-             desc="judge")
+    stats = generate(run, ("compare/judge", "parts"), requests, judge.model, cfg.engine,
+                     judge.sampling, desc="judge")
     replies = results_by_id(run, "compare/judge", "parts")
     out = {}
     for key in keys:
@@ -91,7 +91,7 @@ def _llm(ctx: Context, answers: list[dict]) -> tuple[dict[tuple[str, Task], dict
         v = parse_verdict(text, task)
         out[(answer, task)] = {"score": v.score, "harmful": v.harmful, "parsed": v.parsed,
                                "reason": v.reason, "raw_text": text}
-    return out, {"kind": "llm", "model": judge.model.path}
+    return out, {"kind": "llm", "model": judge.model.path, **pool_metrics([stats])}
 
 
 def _http(ctx: Context, answers: list[dict]) -> tuple[dict[tuple[str, Task], dict], dict]:

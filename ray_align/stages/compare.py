@@ -128,7 +128,9 @@ def compare_judge(ctx: Context) -> StageOutput:
                                       samples_per_method=cfg.compare.samples_per_method)
         for path in paths.values():
             run.write_bytes(Path(path).read_bytes(), "compare", Path(path).name)
-    return StageOutput(verdicts.num_rows, "verdicts.parquet", {"judge": cfg.compare.judge.kind})
+    return StageOutput(verdicts.num_rows, "verdicts.parquet", {
+        "judge": cfg.compare.judge.kind,
+        **{k: judge_info[k] for k in ("engine_pools", "engine_first_result_s") if k in judge_info}})
 
 
 def _budgeted(ctx: Context, steps: int | None, rows: int) -> Context:

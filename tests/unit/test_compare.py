@@ -269,4 +269,5 @@ def test_llm_judge_parses_verdicts_and_counts_garbled_ones(ctx, monkeypatch, tin
     assert judged[0].helpfulness.parsed is False and judged[1].helpfulness.parsed is False
     assert judged[1].harmlessness is None
     assert table.num_rows == 3 and info["unparsed"] == 2 and info["kind"] == "llm"
+    assert info["engine_pools"] == 1  # the judge model's engines, counted with the others
     assert json.loads(json.dumps(info))  # plain JSON for compare.json
