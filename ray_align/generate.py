@@ -87,7 +87,7 @@ class GenerationStats:
     seconds: float
     engine_s: float | None = None  # first request scheduled to last token out, on the engines
     engine_pools: int = 0  # engine pools started (0 when every request was already answered)
-    first_result_s: float | None = None  # pool launched to first answers back: mostly its start
+    first_result_s: float | None = None  # pool launched to first answers: start + first batch
 
     @property
     def tokens_per_s(self) -> float:
