@@ -220,12 +220,14 @@ def prepare_all(force: bool = False) -> dict[str, str]:
             print(f"[assets] preparing {name} from {spec}", flush=True)
             prepare(fetch_wheel(spec), target)
         done[name] = str(target)
-    target = home / OFFLINE_JUDGE_NAME
-    if force or not target.exists():
-        from ray_align.judges.offline import train_offline_judge
+    from ray_align.judges import offline
 
-        print(f"[assets] training {OFFLINE_JUDGE_NAME} (MiniLM-L6 + two logistic heads)", flush=True)
-        meta = train_offline_judge(target, fetch_wheel("pyrit==1.1.0"), home / ENCODER_NAME)
+    target = home / OFFLINE_JUDGE_NAME
+    stored = offline.stored_format(target)
+    if force or stored != offline.FORMAT_VERSION:  # a judge of another format is trained again
+        was = f", replacing format {stored}" if stored is not None and not force else ""
+        print(f"[assets] training {OFFLINE_JUDGE_NAME} (MiniLM-L6 + two logistic heads{was})", flush=True)
+        meta = offline.train_offline_judge(target, fetch_wheel("pyrit==1.1.0"), home / ENCODER_NAME)
         for head, info in meta["heads"].items():
             held = info["held_out"]
             print(f"[assets]   {head}: held-out AUROC {held['auroc']}, accuracy {held['accuracy']}, "
