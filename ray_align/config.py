@@ -8,11 +8,20 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from importlib.util import find_spec
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 from pydantic_core import to_jsonable_python
 
 
@@ -321,6 +330,81 @@ class RayConfig(_Strict):
     )
 
 
+TRACKING_EXTRA = "pip install 'ray_align[tracking]'"
+MLFLOW_NAMED_URIS = frozenset({"databricks", "databricks-uc", "uc"})  # tracking URIs not paths
+
+
+def _absolute_path(value: str | None) -> str | None:
+    """A local path as an absolute one: training workers resolve it from another directory."""
+    return None if value is None else str(Path(value).expanduser().resolve())
+
+
+class MlflowConfig(_Strict):
+    """An MLflow tracking server or store: one MLflow run per stage, named ``RUN_NAME/STAGE``.
+    Credentials come from the environment only (``MLFLOW_TRACKING_TOKEN``,
+    ``MLFLOW_TRACKING_USERNAME`` / ``MLFLOW_TRACKING_PASSWORD``, ``DATABRICKS_*``), as MLflow
+    reads them, in the driver and in the training workers."""
+
+    tracking_uri: str = Field(
+        description="http(s)://HOST:PORT, databricks, or a local folder: MLflow's file store "
+        "(MLflow 3 wants MLFLOW_ALLOW_FILE_STORE=true), made absolute: training workers log there too.")
+    experiment: str = Field("ray_align", min_length=1, description="MLflow experiment (made if absent).")
+
+    @field_validator("tracking_uri")
+    @classmethod
+    def _uri(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("must not be empty")
+        scheme, sep, rest = value.partition("://")
+        if sep and "@" in rest.split("/", 1)[0]:
+            raise ValueError("must not hold credentials: set MLFLOW_TRACKING_USERNAME and "
+                             "MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN) in the environment")
+        if sep or value in MLFLOW_NAMED_URIS or re.match(r"^[A-Za-z][A-Za-z0-9+.-]*:", value):
+            return value
+        return Path(value).expanduser().resolve().as_uri()  # a plain path
+
+
+class WandbConfig(_Strict):
+    """Weights & Biases: one W&B run per stage, named ``RUN_NAME/STAGE`` and grouped by
+    ``RUN_NAME``. The API key comes from the environment only (``WANDB_API_KEY``) or
+    ``wandb login``, in the driver and in the training workers."""
+
+    project: str = Field("ray_align", min_length=1, description="W&B project.")
+    entity: str | None = Field(None, description="Team or user; default: the API key's own.")
+    mode: Literal["online", "offline"] = Field(
+        "online", description="offline: runs are kept in DIR/wandb/ for `wandb sync`.")
+    dir: str | None = Field(
+        None, description="Local folder for W&B's files; default: $WANDB_DIR, else the working "
+        "directory of each process that logs.")
+
+    _absolute_dir = field_validator("dir")(_absolute_path)
+
+
+class TrackingConfig(_Strict):
+    """TensorBoard event files in the run directory always (no setting needed); MLflow and
+    Weights & Biases when configured (they need ``pip install 'ray_align[tracking]'``), with
+    credentials from the environment only. Part of no stage's identity: changing it redoes nothing."""
+
+    tensorboard: bool = Field(
+        True, description="Event files in RUN/tensorboard/STAGE/ATTEMPT/ (`tensorboard --logdir RUN`).")
+    run_name: str | None = Field(
+        None, min_length=1, description="This run in MLflow and W&B: each stage logs as "
+        "RUN_NAME/STAGE; default: the run directory's last folder name.")
+    mlflow: MlflowConfig | None = Field(
+        None, description="MLflow: one run per stage, RUN_NAME/STAGE, the config as its parameters; "
+        "credentials from MLFLOW_TRACKING_* / DATABRICKS_* variables.")
+    wandb: WandbConfig | None = Field(
+        None, description="Weights & Biases: one run per stage, RUN_NAME/STAGE in the group "
+        "RUN_NAME; the API key from WANDB_API_KEY or `wandb login`.")
+
+    @field_validator("mlflow", "wandb")
+    @classmethod
+    def _installed(cls, value: _Strict | None, info: ValidationInfo) -> _Strict | None:
+        if value is not None and find_spec(info.field_name) is None:
+            raise ValueError(f"the {info.field_name} package is not installed: {TRACKING_EXTRA}")
+        return value
+
+
 class Config(_Strict):
     model_config = _SECRET_SAFE
 
@@ -341,6 +425,8 @@ class Config(_Strict):
                                      "models answer (evaluate, compare/evaluate).")
     compare: CompareConfig = CompareConfig()
     ray: RayConfig = Field(RayConfig(), description="The Ray cluster the driver joins or starts.")
+    tracking: TrackingConfig = Field(TrackingConfig(), description="Experiment tracking: where "
+                                     "training's per-step and each stage's metrics go.")
 
     @field_validator("run_dir")
     @classmethod

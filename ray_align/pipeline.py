@@ -230,6 +230,9 @@ def run_stage(ctx: Context, stage: Stage) -> dict[str, Any]:
                   finished_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
     run.write_json(record, stage.name, "manifest.json")  # the marker: the output is now finished
     run.delete(PREVIOUS, stage.name)  # attempts with other settings are no longer needed
+    from ray_align.tracking import track_stage  # imports this module
+
+    track_stage(ctx.config, run, record)  # once: TensorBoard, MLflow, W&B
     print(f"[{stage.name}] done: {result.rows} rows in {record['seconds']:.1f} s", flush=True)
     return record
 
