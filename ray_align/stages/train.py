@@ -3,9 +3,14 @@ through Ray Data shards, loss on target tokens only; exports a Hugging Face mode
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
+import uuid
+from collections.abc import Iterator
 
-from ray_align.pipeline import Context, StageOutput
+from ray_align.pipeline import Context, StageOutput, manifest
+from ray_align.tracking import tracker_spec
 
 TRAIN_COLUMNS = ["input_ids", "prompt_len"]
 
@@ -75,6 +80,29 @@ def read_ordered(uri: str):
     return dataset.materialize()
 
 
+# Ray Train's controller takes one report per worker each time it polls the workers, every
+# RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (2 s by default), and a worker's report waits until the one
+# before it is taken (ray/train/v2/_internal/execution/context.py: a result queue of size 1).
+# Reporting every optimizer step would hold training to one step per poll: polled this often,
+# a step waits at most this long. Each poll is one small call to each worker.
+REPORT_POLL_S = 0.1
+POLL_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"  # read where the controller starts; Ray passes it on
+
+
+@contextlib.contextmanager
+def reports_taken_every(seconds: float) -> Iterator[None]:
+    """Ray Train's controller polls the workers every ``seconds`` during ``fit()``, unless the
+    environment sets the interval already."""
+    if POLL_ENV in os.environ:
+        yield
+        return
+    os.environ[POLL_ENV] = str(seconds)
+    try:
+        yield
+    finally:
+        os.environ.pop(POLL_ENV, None)
+
+
 def train(ctx: Context) -> StageOutput:
     """The method's fine-tuning: ``build`` -> ``train/model``."""
     return train_model(ctx, "build", "train")
@@ -103,13 +131,16 @@ def train_model(ctx: Context, build_folder: str, folder: str) -> StageOutput:
     micro_per_epoch = (packed_micro_per_epoch(cfg.train, run, build_folder, cfg.max_seq_len)
                        if cfg.train.packing else None)
     progress = TrainProgressBar(total_steps(cfg.train, train_rows, micro_per_epoch))
+    # the stage attempt run_stage recorded (the training benchmark calls this without one)
+    attempt = (manifest(run, folder) or {}).get("attempt") or uuid.uuid4().hex[:12]
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"train": cfg.train.model_dump(mode="json"),
                            "model": cfg.model.model_dump(mode="json"),
                            "run_dir": run.uri, "folder": folder, "train_rows": train_rows,
                            "max_seq_len": cfg.max_seq_len,
-                           "progress": progress.handle},
+                           "progress": progress.handle,
+                           "tracking": tracker_spec(cfg, run, folder, attempt)},
         scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu,
                                      resources_per_worker={"CPU": cfg.train.cpus_per_worker}),
         run_config=RunConfig(
@@ -120,7 +151,7 @@ def train_model(ctx: Context, build_folder: str, folder: str) -> StageOutput:
         datasets=data,
         dataset_config=ordered_dataset_config(),
     )
-    with progress:
+    with progress, reports_taken_every(REPORT_POLL_S):
         result = trainer.fit()
     if result.error:
         raise result.error

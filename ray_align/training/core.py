@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -285,19 +286,63 @@ def while_every_rank_has_one(batches: Iterable[Any],
         yield batch
 
 
+def sum_over_ranks(values: list[float], device: torch.device | str | None = None) -> list[float]:
+    """Each value summed over every rank, in one all-reduce (on ``device``: NCCL reduces no host
+    tensors). Every rank must call it; without a process group, the values as they are."""
+    import torch.distributed as dist
+
+    sums = torch.tensor(values, dtype=torch.float64, device=device)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(sums)
+    return sums.tolist()
+
+
 def mean_over_ranks(loss: float, tokens: int,
                     device: torch.device | str | None = None) -> tuple[float, int]:
     """The token-weighted mean of every rank's (mean loss, tokens), and all their tokens: each
     rank evaluates its own shard, so rank 0's loss alone is a fraction of the data. Every rank
     must call it (an all-reduce); without a process group it is this process's own."""
-    import torch.distributed as dist
-
     total = loss * tokens if tokens else 0.0  # a rank with no tokens has a NaN mean
-    sums = torch.tensor([total, float(tokens)], dtype=torch.float64, device=device)
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(sums)
-    total, count = sums.tolist()
+    total, count = sum_over_ranks([total, float(tokens)], device)
     return weighted_mean(total, int(count)), int(count)
+
+
+class StepMeter:
+    """An optimizer step's numbers, gathered from its micro-batches: the loss over every rank
+    (token-weighted: what the step's gradient came from), the learning rate and gradient norm
+    DeepSpeed stepped with, and every rank's real tokens per second of the step. ``finish`` is
+    collective (one all-reduce): every rank calls it at the end of every optimizer step."""
+
+    def __init__(self, device: torch.device | str | None = None) -> None:
+        self.device = device
+        self._micro: list[tuple[float, int, int, float]] = []
+        self.restart()
+
+    def restart(self) -> None:
+        """Start the clock again (an epoch's start: validation and skipped batches left out)."""
+        self._mark = time.perf_counter()
+
+    def add(self, result: tuple[float, int], tokens: int) -> None:
+        """One micro-batch: ``train_step``'s (loss, target tokens) and its real tokens."""
+        now = time.perf_counter()
+        loss, targets = result
+        self._micro.append((loss * targets if targets else 0.0, targets, tokens, now - self._mark))
+        self._mark = now
+
+    def finish(self, engine) -> dict[str, float]:
+        """The step that just ended: ``loss``, ``lr``, ``grad_norm`` (when DeepSpeed computed
+        one) and ``step_tokens_per_s``."""
+        total, targets, tokens = sum_over_ranks(
+            [sum(m[0] for m in self._micro), sum(m[1] for m in self._micro),
+             sum(m[2] for m in self._micro)], self.device)
+        seconds = sum(m[3] for m in self._micro)
+        self._micro.clear()
+        metrics = {"loss": weighted_mean(total, int(targets)), "lr": float(engine.get_lr()[0]),
+                   "step_tokens_per_s": tokens / seconds if seconds else 0.0}
+        norm = engine.get_global_grad_norm()
+        if norm is not None:
+            metrics["grad_norm"] = float(norm)
+        return metrics
 
 
 @torch.no_grad()

@@ -2,11 +2,14 @@
 
 Progress (epoch, micro-batches done in it, optimizer step) is saved inside every checkpoint,
 so a restarted or rerun job continues from the exact data position, not from an epoch boundary.
-Checkpoints are taken only where an optimizer step ends (``CheckpointSchedule``).
+Checkpoints are taken only where an optimizer step ends (``CheckpointSchedule``). Every optimizer
+step reports its loss, learning rate, gradient norm and tokens/s to Ray Train (with the
+checkpoint when one is due) and, from rank 0, to the run's trackers (``ray_align.tracking``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -21,7 +24,9 @@ import torch
 from ray_align.config import ModelConfig, TrainConfig
 from ray_align.storage import RunDir, local_model_path
 from ray_align.tokenization import load_tokenizer, pad_token_id
+from ray_align.tracking import training_scalars
 from ray_align.training.core import (
+    StepMeter,
     adapter_state_dict,
     deepspeed_engine,
     eval_loss,
@@ -34,7 +39,6 @@ from ray_align.training.core import (
     micro_batches,
     real_tokens,
     save_adapter,
-    step_loss,
     train_step,
     training_dtype,
     uses_varlen_attention,
@@ -152,59 +156,80 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     micro_done = progress.get("micro_done",
                               progress["epoch"] * batches_per_epoch + progress["batches_done"])
     loss = float("nan")  # the last optimizer step's
-    # (loss, target tokens) of the step under way, which may span an epoch's end, as DeepSpeed's
-    # accumulation does
-    step: list[tuple[float, int]] = []
-    for epoch in range(progress["epoch"], train.epochs):
-        skip = progress["batches_done"] if epoch == progress["epoch"] else 0
-        window = shard.iter_batches(batch_size=train.micro_batch_size * LENGTH_GROUP_WINDOW,
-                                    batch_format="numpy", drop_last=False)
-        batches = micro_batches(window, pad_id, train.micro_batch_size, seed=train.seed + epoch,
-                                pack_len=pack_len, flat=flat)
-        if pack_len is not None:  # ranks pack their own rows: epochs of unequal length
-            batches = while_every_rank_has_one(batches, engine.device)
-        epoch_started = time.perf_counter()
-        for index, batch in enumerate(batches):
-            if index < skip:
-                continue  # consumed before the restart; its gradient is already in the weights
-            if max_micro is not None and micro_done >= max_micro:
-                break
-            step.append(train_step(engine, batch))
-            tokens += real_tokens(batch)
-            micro_done += 1
-            if micro_done % train.grad_accum == 0:  # an optimizer step ended: report its loss
-                loss = step_loss(step)
-                step.clear()
-            if schedule.after_micro_batch(micro_done):
-                state = {"epoch": epoch, "batches_done": index + 1, "micro_done": micro_done,
+    # the step under way, which may span an epoch's end, as DeepSpeed's accumulation does
+    meter = StepMeter(engine.device)
+    spec = loop_config.get("tracking")  # rank 0 logs every step (TensorBoard, MLflow, W&B)
+    with (spec.open(resume_step=resumed_from + 1) if spec is not None and rank == 0
+          else contextlib.nullcontext()) as tracker:
+        for epoch in range(progress["epoch"], train.epochs):
+            skip = progress["batches_done"] if epoch == progress["epoch"] else 0
+            window = shard.iter_batches(batch_size=train.micro_batch_size * LENGTH_GROUP_WINDOW,
+                                        batch_format="numpy", drop_last=False)
+            batches = micro_batches(window, pad_id, train.micro_batch_size,
+                                    seed=train.seed + epoch, pack_len=pack_len, flat=flat)
+            if pack_len is not None:  # ranks pack their own rows: epochs of unequal length
+                batches = while_every_rank_has_one(batches, engine.device)
+            epoch_started = time.perf_counter()
+            meter.restart()
+            for index, batch in enumerate(batches):
+                if index < skip:
+                    meter.restart()
+                    continue  # consumed before the restart; its gradient is already in the weights
+                if max_micro is not None and micro_done >= max_micro:
+                    break
+                real = real_tokens(batch)
+                meter.add(train_step(engine, batch), real)
+                tokens += real
+                micro_done += 1
+                if micro_done % train.grad_accum:
+                    continue
+                # an optimizer step ended: its metrics to the trackers and to Ray Train, with a
+                # checkpoint when one is due
+                step = {**meter.finish(engine), "global_step": engine.global_steps, "epoch": epoch}
+                loss = step["loss"]
+                if tracker is not None:
+                    tracker.log(training_scalars(step), engine.global_steps)
+                if schedule.after_micro_batch(micro_done):
+                    state = {"epoch": epoch, "batches_done": index + 1, "micro_done": micro_done,
+                             "global_step": engine.global_steps,
+                             "tokens": progress["tokens"] + tokens}
+                    _save(engine, state, step)
+                    if tracker is not None:
+                        tracker.upload()
+                else:
+                    ray.train.report(step)
+                if bar is not None and rank == 0:
+                    seconds = time.perf_counter() - started
+                    bar.update.remote({
+                        "global_step": engine.global_steps, "loss": loss,
+                        "tok_s": tokens * world / seconds if seconds else 0.0})
+            train_s += time.perf_counter() - epoch_started
+            val_batches = micro_batches(
+                val_shard.iter_batches(batch_size=train.micro_batch_size, batch_format="numpy"),
+                pad_id)
+            # each rank evaluates its own shard of the validation set
+            val_loss, _ = mean_over_ranks(*eval_loss(engine, val_batches, engine.device),
+                                          engine.device)
+            finished = epoch + 1 == train.epochs or (max_micro is not None and micro_done >= max_micro)
+            everyone = _sum_over_ranks(tokens, engine.device)
+            metrics = {
+                "loss": loss, "val_loss": val_loss, "epoch": epoch + 1,
+                "global_step": engine.global_steps,
+                "tokens_per_s": everyone / train_s if train_s else 0.0, "train_seconds": train_s,
+                "tokens": everyone, "resumed_from_step": resumed_from,
+            }
+            if tracker is not None:
+                tracker.log(training_scalars({"val_loss": val_loss}), engine.global_steps)
+            if schedule.at_epoch_end(micro_done, finished):
+                state = {"epoch": epoch + 1, "batches_done": 0, "micro_done": micro_done,
                          "global_step": engine.global_steps, "tokens": progress["tokens"] + tokens}
-                _save(engine, state, {"loss": loss, "global_step": engine.global_steps,
-                                      "epoch": epoch})
-            if bar is not None and rank == 0 and micro_done % train.grad_accum == 0:
-                seconds = time.perf_counter() - started
-                bar.update.remote({
-                    "global_step": engine.global_steps, "loss": loss,
-                    "tok_s": tokens * world / seconds if seconds else 0.0})
-        train_s += time.perf_counter() - epoch_started
-        val_batches = micro_batches(
-            val_shard.iter_batches(batch_size=train.micro_batch_size, batch_format="numpy"), pad_id)
-        # each rank evaluates its own shard of the validation set
-        val_loss, _ = mean_over_ranks(*eval_loss(engine, val_batches, engine.device), engine.device)
-        finished = epoch + 1 == train.epochs or (max_micro is not None and micro_done >= max_micro)
-        everyone = _sum_over_ranks(tokens, engine.device)
-        metrics = {
-            "loss": loss, "val_loss": val_loss, "epoch": epoch + 1, "global_step": engine.global_steps,
-            "tokens_per_s": everyone / train_s if train_s else 0.0, "train_seconds": train_s,
-            "tokens": everyone, "resumed_from_step": resumed_from,
-        }
-        if schedule.at_epoch_end(micro_done, finished):
-            state = {"epoch": epoch + 1, "batches_done": 0, "micro_done": micro_done,
-                     "global_step": engine.global_steps, "tokens": progress["tokens"] + tokens}
-            _save(engine, state, metrics)
-        else:
-            ray.train.report(metrics)  # the checkpoint waits for the step to end
-        if finished:
-            break
+                _save(engine, state, metrics)
+            else:
+                ray.train.report(metrics)  # the checkpoint waits for the step to end
+            if tracker is not None:
+                tracker.upload()
+            if finished:
+                break
     _export(engine, model_cfg, train, tokenizer, loop_config["run_dir"],
             loop_config.get("folder", "train"), rank, dtype)
 
