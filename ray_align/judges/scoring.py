@@ -82,7 +82,7 @@ def _llm(ctx: Context, answers: list[dict]) -> tuple[dict[tuple[str, Task], dict
     keys, requests = _requests(answers, "llm")
     ctx.ensure_ray()
     stats = generate(run, ("compare/judge", "parts"), requests, judge.model, cfg.engine,
-                     judge.sampling, desc="judge")
+                     judge.sampling, desc="judge", engines=ctx.engines)
     replies = results_by_id(run, "compare/judge", "parts")
     out = {}
     for key in keys:

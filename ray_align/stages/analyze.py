@@ -25,7 +25,7 @@ def analyze(ctx: Context) -> StageOutput:
                               for r in induced])
     ctx.ensure_ray()
     stats = generate(run, ("analyze", "parts"), requests, cfg.critic, cfg.engine,
-                     cfg.analyze.sampling, desc="analyze")
+                     cfg.analyze.sampling, desc="analyze", engines=ctx.engines)
     results = results_by_id(run, "analyze", "parts")
     analysed = [{"id": row["id"], "instruction": row["instruction"], "category": row["category"],
                  "response": row["guided_response"],

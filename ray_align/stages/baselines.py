@@ -30,14 +30,15 @@ def baselines(ctx: Context) -> StageOutput:
         messages += [prompts.harmless_answer(r["instruction"]),
                      prompts.critique(r["instruction"], r["unguided_response"])]
     first = generate(run, ("baselines", "parts", "first"), make_requests(keys, messages), cfg.model,
-                     cfg.engine, sampling, desc="baselines: harmless answers + critiques")
+                     cfg.engine, sampling, desc="baselines: harmless answers + critiques",
+                     engines=ctx.engines)
     answers = results_by_id(run, "baselines", "parts", "first")
     critiques = {r["id"]: answers[f"{r['id']}::critique"]["generated_text"].strip() for r in induced}
     revise = make_requests([r["id"] for r in induced],
                            [prompts.revision(r["instruction"], r["unguided_response"], critiques[r["id"]])
                             for r in induced])
     second = generate(run, ("baselines", "parts", "revision"), revise, cfg.model, cfg.engine, sampling,
-                      desc="baselines: revisions")
+                      desc="baselines: revisions", engines=ctx.engines)
     revisions = results_by_id(run, "baselines", "parts", "revision")
     rows = [{"id": r["id"], "instruction": r["instruction"], "category": r["category"],
              "harmful_response": r["guided_response"], "initial_response": r["unguided_response"],

@@ -226,7 +226,8 @@ def answer_all(ctx: Context, folder: str, answerers: list[Answerer],
         if lora is not None:
             requests = requests.append_column(ADAPTER_COLUMN, pa.array(adapters, pa.string()))
         stats.append(generate(run, (folder, "parts", pool), requests, model, ctx.config.engine,
-                              ctx.config.evaluate.sampling, desc=f"{folder} {pool}", lora=lora))
+                              ctx.config.evaluate.sampling, desc=f"{folder} {pool}", lora=lora,
+                              engines=ctx.engines))
         results = results_by_id(run, folder, "parts", pool)
         for key, (variant, item) in zip(keys, jobs, strict=True):
             text = results[key]["generated_text"]

@@ -31,7 +31,7 @@ def induce(ctx: Context) -> StageOutput:
         messages += [prompts.induce_guided(row["prompt"]), prompts.induce_unguided(row["prompt"])]
     ctx.ensure_ray()
     stats = generate(run, ("induce", "parts"), make_requests(keys, messages), cfg.model, cfg.engine,
-                     cfg.induce, desc="induce")
+                     cfg.induce, desc="induce", engines=ctx.engines)
     results = results_by_id(run, "induce", "parts")
     out = []
     for row in rows:

@@ -120,6 +120,7 @@ def train_model(ctx: Context, build_folder: str, folder: str) -> StageOutput:
 
     cfg, run = ctx.config, ctx.run
     ctx.ensure_ray()
+    ctx.release_engines(for_training=True)
     check_resources(cfg.train, ray.cluster_resources())
     # Token ids are small: read them before the workers take the CPUs, so feeding the workers
     # needs no further tasks (a read waiting for a CPU the workers hold would wait forever).

@@ -19,7 +19,7 @@ from tests.unit.test_config import QUICKSTART
 def fake_generate(reply):
     """Stand-in for ``generate``: writes ``reply(key, messages)`` for every request."""
 
-    def run(run_dir, folder, requests, model, engine, sampling, desc, lora=None):
+    def run(run_dir, folder, requests, model, engine, sampling, desc, lora=None, engines=None):
         rows = [{"key": k, "generated_text": reply(k, json.loads(m)), "num_input_tokens": 1,
                  "num_generated_tokens": 3}
                 for k, m in zip(requests.column("key").to_pylist(),

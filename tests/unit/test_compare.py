@@ -177,7 +177,7 @@ def test_lora_methods_are_adapters_on_one_engine_pool_of_the_base_model(ctx, mon
     ctx.config.engine.serve_adapters = True
     calls = []
 
-    def recording(run_dir, folder, requests, model, engine, sampling, desc, lora=None):
+    def recording(run_dir, folder, requests, model, engine, sampling, desc, lora=None, engines=None):
         calls.append((folder[-1], model.path, lora, requests.to_pylist()))
         return fake_generate(lambda k, m: "Sure")(run_dir, folder, requests, model, engine,
                                                   sampling, desc, lora)
