@@ -18,9 +18,9 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import REPO, ray_align_env, tiny_config
+from tests.integration.cluster_state import RAY, nothing_left_behind
 
 pytestmark = pytest.mark.integration
-RAY = str(Path(sys.executable).with_name("ray"))
 
 
 def free_port() -> int:
@@ -69,7 +69,7 @@ def two_node_cluster():
             env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
         wait_for(lambda: nodes() >= 2, 120, "the second node")
         print(f"cluster up: 2 nodes, job server {address}")
-        yield address, env
+        yield address, env, f"127.0.0.1:{gcs}"
     finally:
         for process in reversed(started):
             if process.poll() is None:
@@ -82,8 +82,10 @@ def two_node_cluster():
 
 
 def test_pipeline_submitted_with_ray_job_submit(two_node_cluster, tiny_model, tmp_path):
-    address, env = two_node_cluster
-    config = tiny_config(tmp_path, tiny_model, harmful=4, **{"ray.shared_run_dir": True})
+    address, env, gcs = two_node_cluster
+    # induce and analyze share one engine pool (a Ray Serve application), released for training
+    config = tiny_config(tmp_path, tiny_model, harmful=4, **{"ray.shared_run_dir": True,
+                                                              "engine.share_across_stages": True})
     runtime_env = json.dumps({"working_dir": str(REPO),
                               "excludes": [".git", ".venv", "runs", "**/__pycache__"]})
     result = subprocess.run(
@@ -98,6 +100,10 @@ def test_pipeline_submitted_with_ray_job_submit(two_node_cluster, tiny_model, tm
         "induce": "complete", "analyze": "complete", "build": "complete", "train": "complete",
         "evaluate": "not started"}
     assert (tmp_path / "run" / "train" / "model" / "config.json").exists()
+    pools = {stage: json.loads((tmp_path / "run" / stage / "manifest.json").read_text())["metrics"]
+             ["engine_pools"] for stage in ("induce", "analyze")}
+    assert pools == {"induce": 1, "analyze": 0}
+    nothing_left_behind(gcs, env)  # the job's shared pool and Serve went with it
 
     # ray_align's own client on the same cluster: the rerun skips every finished stage.
     def cli(*args: str) -> subprocess.CompletedProcess:
