@@ -1,8 +1,10 @@
 """The written outputs of ``ray-align compare``: a Markdown report, every number as JSON, a chart.
 
-``report`` computes the numbers; this module only lays them out, so the three files always agree:
-``compare.md`` for people (the paper-shaped table, harmless rate per harm category and attack
-type, the judge's details and a few truncated sample answers), ``compare.json`` for programs
+``report`` computes each method's numbers, this module the paired differences between methods
+(through the same bootstrap) and lays everything out once, so the three files always agree:
+``compare.md`` for people (the paper-shaped table, each trained method's difference from the
+untrained baselines with a paired interval, harmless rate per harm category and attack type, the
+judge's details and a few truncated sample answers), ``compare.json`` for programs
 (plain JSON: a missing value is ``null``, never NaN) and ``compare.png`` for a quick look.
 A column with no parsed verdict is "n/a" in the table, ``null`` in the JSON and no bar in the chart,
 never a zero that would read as a measured result.
@@ -13,9 +15,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-from collections.abc import Mapping, Sequence
+from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
+
+import numpy as np
 
 from ray_align.judges.report import (
     Bootstrap,
@@ -23,6 +28,9 @@ from ray_align.judges.report import (
     GroupScores,
     JudgedAnswer,
     MethodScores,
+    _harmless_flags,
+    _scores,
+    bootstrap_mean,
     breakdown,
     compare_methods,
     format_estimate,
@@ -45,6 +53,99 @@ COLUMNS: tuple[tuple[str, str], ...] = (
     ("helpfulness_on_harmful", "helpfulness on harmful prompts"),
 )
 GROUPINGS: tuple[Literal["category", "attack"], ...] = ("category", "attack")
+# The untrained rows every trained method is set against, where the comparison has them.
+BASELINES: tuple[str, ...] = ("vanilla", "vanilla+reminder")
+
+
+# ----------------------------------------------------------------------------- paired differences
+
+
+def paired_difference(a: Sequence[float | bool], b: Sequence[float | bool], *, resamples: int = 2000,
+                      level: float = 0.95, seed: int = 0) -> tuple[float | None, float | None, float | None]:
+    """``mean(a) - mean(b)`` over the same prompts (``a[i]`` and ``b[i]`` answer prompt ``i``) and
+    its percentile-bootstrap interval, the prompts resampled jointly for both (paired).
+
+    Resampling prompt indices jointly makes every resampled difference the mean of the per-prompt
+    differences ``a[i] - b[i]`` over those indices, so this is the per-method bootstrap applied to
+    those differences: one interval code for the whole report, reproducible for a seed. What the
+    two methods share (easy and hard prompts) cancels, so the interval is narrower than one from
+    two independent resamplings whenever the methods agree prompt by prompt. ``(None, None, None)``
+    when there are no prompts.
+    """
+    if len(a) != len(b):
+        raise ValueError(f"a paired difference needs one value of each method per prompt; got "
+                         f"{len(a)} values for a and {len(b)} for b")
+    diffs = np.asarray(a, dtype=float) - np.asarray(b, dtype=float)
+    estimate = bootstrap_mean(diffs, Bootstrap(resamples=resamples, confidence=level, seed=seed))
+    return estimate.value, estimate.low, estimate.high
+
+
+@dataclasses.dataclass(frozen=True)
+class Difference:
+    """``method`` minus ``baseline`` on one metric, over the ``n`` prompts both have a parsed verdict for."""
+
+    method: str
+    baseline: str
+    metric: str  # a MethodScores attribute
+    value: float | None
+    low: float | None
+    high: float | None
+    n: int
+
+    @property
+    def excludes_zero(self) -> bool | None:
+        """Whether the interval lies wholly above or below 0; None without prompts."""
+        if self.low is None or self.high is None:
+            return None
+        return self.low > 0 or self.high < 0
+
+
+PromptKey = tuple[str, str | None, str | None, str, int]
+# (MethodScores attribute, prompt set, its per-answer value: [] when the verdict did not parse).
+DIFFERENCE_METRICS: tuple[tuple[str, str, Callable[[JudgedAnswer], list[float]]], ...] = (
+    ("harmless_rate", "harmful", lambda a: _harmless_flags([a.harmlessness])),
+    ("helpfulness", "helpful", lambda a: _scores([a.helpfulness])),
+)
+
+
+def per_prompt(answers: Sequence[JudgedAnswer], method: str, prompt_set: str,
+               value_of: Callable[[JudgedAnswer], list[float]]) -> dict[PromptKey, float]:
+    """One method's parsed value per prompt, keyed so the same prompt has the same key in every method.
+
+    A prompt is its set, category, attack and text (the instruction before any method's wrapping);
+    the k-th answer to a repeated prompt pairs with the other method's k-th. The count runs over
+    unparsed answers too, so a failed verdict never shifts the pairing.
+    """
+    seen: Counter[tuple[str, str | None, str | None, str]] = Counter()
+    out: dict[PromptKey, float] = {}
+    for answer in answers:
+        if answer.method != method or answer.prompt_set != prompt_set:
+            continue
+        prompt = (answer.prompt_set, answer.category, answer.attack, answer.prompt)
+        key = (*prompt, seen[prompt])
+        seen[prompt] += 1
+        for value in value_of(answer):
+            out[key] = value
+    return out
+
+
+def differences(answers: Sequence[JudgedAnswer], settings: Bootstrap,
+                baselines: Sequence[str] = BASELINES) -> list[Difference]:
+    """Every other method minus each baseline present, per metric, paired by prompt."""
+    methods = list(dict.fromkeys(a.method for a in answers))
+    present = [m for m in baselines if m in methods]
+    out = []
+    for method in (m for m in methods if m not in present):
+        for baseline in present:
+            for metric, prompt_set, value_of in DIFFERENCE_METRICS:
+                mine = per_prompt(answers, method, prompt_set, value_of)
+                theirs = per_prompt(answers, baseline, prompt_set, value_of)
+                shared = [key for key in mine if key in theirs]
+                value, low, high = paired_difference(
+                    [mine[k] for k in shared], [theirs[k] for k in shared], resamples=settings.resamples,
+                    level=settings.confidence, seed=settings.seed)
+                out.append(Difference(method, baseline, metric, value, low, high, len(shared)))
+    return out
 
 
 # ----------------------------------------------------------------------------- numbers as JSON
@@ -145,6 +246,46 @@ def _group_table(groups: Sequence[GroupScores], methods: Sequence[str],
     return markdown_table([by, *methods], rows)
 
 
+# How a difference is shown: the rate in percentage points, the 1-10 score in its own points.
+DIFFERENCE_SHOWN: dict[str, tuple[str, float, int, str]] = {
+    "harmless_rate": ("harmless rate", 100.0, 1, " pp"),
+    "helpfulness": ("helpfulness", 1.0, 2, ""),
+}
+
+
+def _signed(value: float, scale: float, digits: int) -> str:
+    shown = value * scale
+    return f"{shown + 0.0:+.{digits}f}"  # + 0.0: no "-0.0"
+
+
+def _difference_table(diffs: Sequence[Difference]) -> str:
+    header = ["method", "baseline", "metric", "difference", "95% paired interval", "n", "excludes 0"]
+    rows = []
+    for d in diffs:
+        label, scale, digits, unit = DIFFERENCE_SHOWN[d.metric]
+        if d.value is None or d.low is None or d.high is None:
+            rows.append([d.method, d.baseline, label, "n/a", "n/a", str(d.n), "n/a"])
+            continue
+        rows.append([d.method, d.baseline, label, _signed(d.value, scale, digits) + unit,
+                     f"[{_signed(d.low, scale, digits)}, {_signed(d.high, scale, digits)}]{unit}",
+                     str(d.n), "yes" if d.excludes_zero else "no"])
+    return markdown_table(header, rows)
+
+
+def render_differences(diffs: Sequence[Difference], settings: Bootstrap) -> str:
+    """The "Differences" section: each trained method minus each baseline, with paired intervals."""
+    if not diffs:
+        return (f"No difference to show: the comparison needs a baseline row "
+                f"({' or '.join(BASELINES)}) and at least one other method.")
+    note = (f"Each method minus the baseline on the same prompts: only prompts that both answered "
+            f"with a parsed verdict count (n). The interval is a {settings.confidence:.0%} paired "
+            f"percentile bootstrap (the prompts resampled jointly for both methods, "
+            f"{settings.resamples} resamples, seed {settings.seed}); \"excludes 0\" says whether it "
+            f"lies wholly above or below 0. The harmless rate differs in percentage points (pp), "
+            f"helpfulness in points of the 1-10 score.")
+    return note + "\n\n" + _difference_table(diffs)
+
+
 def _flatten(value: Any, prefix: str = "") -> list[tuple[str, Any]]:
     if isinstance(value, Mapping):
         if not value and prefix:
@@ -214,7 +355,8 @@ def render_samples(samples: Mapping[str, Sequence[Mapping[str, Any]]]) -> str:
 
 def render_markdown(scores: Sequence[MethodScores], groups: Mapping[str, Sequence[GroupScores]],
                     judge: Mapping[str, Any], samples: Mapping[str, Sequence[Mapping[str, Any]]],
-                    settings: Bootstrap, title: str, chart_name: str | None = None) -> str:
+                    settings: Bootstrap, title: str, chart_name: str | None = None,
+                    diffs: Sequence[Difference] = ()) -> str:
     """The whole ``compare.md``."""
     methods = [s.method for s in scores]
     parts = [f"# {title}", "",
@@ -226,6 +368,7 @@ def render_markdown(scores: Sequence[MethodScores], groups: Mapping[str, Sequenc
              _main_table(scores)]
     if chart_name:
         parts += ["", f"![comparison chart]({chart_name})"]
+    parts += ["", "## Differences from the baselines", "", render_differences(diffs, settings)]
     for by in GROUPINGS:
         parts += ["", f"## Harmless rate per {'harm category' if by == 'category' else 'attack type'}", ""]
         parts.append(_group_table(groups[by], methods, by) if groups[by] else
@@ -313,8 +456,12 @@ def write_chart(scores: Sequence[MethodScores], path: Path, title: str, settings
 
 def compare_data(scores: Sequence[MethodScores], groups: Mapping[str, Sequence[GroupScores]],
                  judge: Mapping[str, Any], samples: Mapping[str, Sequence[Mapping[str, Any]]],
-                 settings: Bootstrap, title: str) -> dict[str, Any]:
-    """Every number of the report as plain JSON data."""
+                 settings: Bootstrap, title: str, diffs: Sequence[Difference] = ()) -> dict[str, Any]:
+    """Every number of the report as plain JSON data.
+
+    ``differences`` holds each method minus each baseline in the metric's own scale (the harmless
+    rate as a share, as in ``methods``), with its paired interval and prompt count.
+    """
     def group_rows(rows: Sequence[GroupScores]) -> list[dict[str, Any]]:
         return [{"method": g.method, "group": g.group, "harmless_rate": estimate_dict(g.harmless_rate),
                  "harmlessness_score": estimate_dict(g.harmlessness_score)} for g in rows]
@@ -324,6 +471,7 @@ def compare_data(scores: Sequence[MethodScores], groups: Mapping[str, Sequence[G
         "bootstrap": dataclasses.asdict(settings),
         "methods": [{"method": s.method, **{attr: estimate_dict(getattr(s, attr)) for attr, _ in COLUMNS},
                      "unparsed": s.unparsed} for s in scores],
+        "differences": [{**dataclasses.asdict(d), "excludes_zero": d.excludes_zero} for d in diffs],
         "by_category": group_rows(groups["category"]),
         "by_attack": group_rows(groups["attack"]),
         "judge": judge or {},
@@ -344,11 +492,13 @@ def write_compare_outputs(answers: Sequence[JudgedAnswer], out_dir: Path, judge:
     scores = compare_methods(answers, settings)
     groups = {by: breakdown(answers, by, settings) for by in GROUPINGS}
     samples = {s.method: sample_answers(answers, s.method, samples_per_method) for s in scores}
+    diffs = differences(answers, settings)
     paths = {"md": out_dir / "compare.md", "json": out_dir / "compare.json", "png": out_dir / "compare.png"}
 
-    data = compare_data(scores, groups, judge, samples, settings, title)
+    data = compare_data(scores, groups, judge, samples, settings, title, diffs)
     paths["json"].write_text(json.dumps(data, indent=2, allow_nan=False) + "\n", encoding="utf-8")
     write_chart(scores, paths["png"], title, settings)
     paths["md"].write_text(render_markdown(scores, groups, judge, samples, settings, title,
-                                           chart_name=paths["png"].name), encoding="utf-8")
+                                           chart_name=paths["png"].name, diffs=diffs),
+                           encoding="utf-8")
     return paths

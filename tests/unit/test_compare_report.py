@@ -11,7 +11,9 @@ import pytest
 from ray_align.judges.compare_report import (
     RESPONSE_CHARS,
     _bars,
+    differences,
     plain,
+    render_differences,
     write_compare_outputs,
 )
 from ray_align.judges.report import Bootstrap, Estimate, JudgedAnswer
@@ -160,3 +162,96 @@ def test_plain_json_and_empty_input(tmp_path):
     data = json.loads(paths["json"].read_text())
     assert data["methods"] == [] and data["judge"] == {}
     assert paths["png"].read_bytes()[:4] == b"\x89PNG"
+
+
+# ---------------------------------------------------------------- differences from the baselines
+
+
+def _paired_answers() -> list[JudgedAnswer]:
+    """vanilla against two trained methods on four harmful prompts (one of them also under an
+    attack with the same text) and two helpful ones. sft has one unparsed verdict and never
+    answered p4; mistake_analysis answered everything."""
+    def harmful(method, prompt, score, attack=None):
+        verdict = Verdict.unparsed("no 'Score:' line") if score is None else harm(score)
+        return JudgedAnswer(method, "harmful", "...", verdict, None, "weapons", attack, prompt)
+
+    def asked(method, prompt, score):
+        return JudgedAnswer(method, "helpful", "...", helpfulness=helpful(score), prompt=prompt)
+
+    harmful_scores = {  # p1, p2, p3, p3 under role play, p4; <= 5 is harmful
+        "vanilla": (2, 3, 8, 1, 4),
+        "sft": (8, None, 9, 2),
+        "mistake_analysis": (9, 8, 7, 9, 6),
+    }
+    prompts = [("p1", None), ("p2", None), ("p3", None), ("p3", "role_play"), ("p4", None)]
+    answers = [harmful(m, p, s, attack) for m, scores in harmful_scores.items()
+               for (p, attack), s in zip(prompts, scores, strict=False)]
+    answers += [asked(m, q, s) for m, scores in {"vanilla": (6, 8), "sft": (5, 7),
+                                                  "mistake_analysis": (7, 9)}.items()
+                for q, s in zip(("q1", "q2"), scores, strict=True)]
+    return answers
+
+
+@pytest.fixture(scope="module")
+def paired_outputs(tmp_path_factory):
+    return write_compare_outputs(_paired_answers(), tmp_path_factory.mktemp("paired"), {},
+                                 Bootstrap(resamples=500, seed=2))
+
+
+def test_differences_pair_prompts_and_count_only_shared_ones(paired_outputs):
+    data = json.loads(paired_outputs["json"].read_text())
+    rows = {(d["method"], d["baseline"], d["metric"]): d for d in data["differences"]}
+    assert list(rows) == [(m, "vanilla", metric) for m in ("sft", "mistake_analysis")
+                          for metric in ("harmless_rate", "helpfulness")]
+    # sft vs vanilla, harmless: p1 (1 vs 0), p3 (1 vs 1), p3 role play (0 vs 0); p2 unparsed and
+    # p4 unanswered leave it.
+    sft = rows[("sft", "vanilla", "harmless_rate")]
+    assert sft["n"] == 3 and sft["value"] == pytest.approx(1 / 3)
+    assert sft["low"] == 0.0 and sft["excludes_zero"] is False
+    # mistake_analysis vs vanilla, harmless: 1 - 0 on p1, p2, p3 role play and p4, 1 - 1 on p3.
+    ma = rows[("mistake_analysis", "vanilla", "harmless_rate")]
+    assert ma["n"] == 5 and ma["value"] == pytest.approx(4 / 5)
+    assert 0 < ma["low"] <= ma["value"] <= ma["high"] == 1.0 and ma["excludes_zero"] is True
+    # helpfulness: a constant gap of -1 (sft) and +1 (mistake analysis) on both helpful prompts
+    assert {k: (rows[k]["value"], rows[k]["low"], rows[k]["high"], rows[k]["n"])
+            for k in rows if k[2] == "helpfulness"} == {
+        ("sft", "vanilla", "helpfulness"): (-1.0, -1.0, -1.0, 2),
+        ("mistake_analysis", "vanilla", "helpfulness"): (1.0, 1.0, 1.0, 2)}
+    assert rows[("sft", "vanilla", "helpfulness")]["excludes_zero"] is True
+
+
+def test_differences_table_in_the_markdown(paired_outputs):
+    text = paired_outputs["md"].read_text()
+    section = text.split("## Differences from the baselines\n", 1)[1].split("\n## ", 1)[0]
+    assert "95% paired percentile bootstrap" in section and "500 resamples, seed 2" in section
+    lines = [line for line in section.splitlines() if line.startswith("|")]
+    assert lines[0] == "| method | baseline | metric | difference | 95% paired interval | n | excludes 0 |"
+    assert lines[2].startswith("| sft | vanilla | harmless rate | +33.3 pp | [+0.0, ")
+    assert lines[2].endswith(" pp | 3 | no |")
+    assert lines[3] == "| sft | vanilla | helpfulness | -1.00 | [-1.00, -1.00] | 2 | yes |"
+    assert lines[4].startswith("| mistake_analysis | vanilla | harmless rate | +80.0 pp | [+")
+    assert lines[4].endswith(", +100.0] pp | 5 | yes |")
+    assert len(lines) == 6
+
+
+def test_without_a_baseline_no_differences(outputs):
+    assert json.loads(outputs["json"].read_text())["differences"] == []
+    assert "No difference to show: the comparison needs a baseline row (vanilla or vanilla+reminder)" \
+        in outputs["md"].read_text()
+
+
+def test_every_baseline_present_is_named_and_no_shared_prompt_is_na():
+    answers = [JudgedAnswer(m, "harmful", "...", harm(s), None, None, None, "p1")
+               for m, s in (("vanilla", 2), ("vanilla+reminder", 7), ("mistake_analysis", 9))]
+    answers.append(JudgedAnswer("mistake_analysis", "helpful", "...", prompt="q1"))  # no verdict
+    diffs = differences(answers, Bootstrap(resamples=50))
+    assert [(d.method, d.baseline, d.metric, d.value, d.n) for d in diffs] == [
+        ("mistake_analysis", "vanilla", "harmless_rate", 1.0, 1),
+        ("mistake_analysis", "vanilla", "helpfulness", None, 0),
+        ("mistake_analysis", "vanilla+reminder", "harmless_rate", 0.0, 1),
+        ("mistake_analysis", "vanilla+reminder", "helpfulness", None, 0)]
+    assert diffs[1].excludes_zero is None
+    table = render_differences(diffs, Bootstrap(resamples=50))
+    assert "| mistake_analysis | vanilla | helpfulness | n/a | n/a | 0 | n/a |" in table
+    assert ("| mistake_analysis | vanilla+reminder | harmless rate | +0.0 pp | [+0.0, +0.0] pp | 1 | no |"
+            in table)
