@@ -77,6 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--debug", action="store_true",
                         help="on an error, show the full traceback (else one line says what failed)")
+    parser.add_argument("--verbose", action="store_true",
+                        help="show Ray's, vLLM's and DeepSpeed's own log lines on the terminal too "
+                             "(else they go to RUN/logs/driver-*.log)")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     run = commands.add_parser(
@@ -183,6 +186,8 @@ def build_parser() -> argparse.ArgumentParser:
     for sub in commands.choices.values():  # `ray-align run --debug ...` as well as `--debug run`
         sub.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                          help="on an error, show the full traceback")
+        sub.add_argument("--verbose", action="store_true", default=argparse.SUPPRESS,
+                         help="the libraries' log lines on the terminal too")
     return parser
 
 
@@ -232,6 +237,19 @@ def holding_run_dir(run, args) -> Iterator[None]:
             raise
 
 
+@contextlib.contextmanager
+def driver_console(ctx, args) -> Iterator[None]:
+    """The run's terminal shows ray_align's lines; the libraries' go to ``RUN/logs/`` (kept
+    when the run ends, however it ends) unless ``--verbose``."""
+    from ray_align import console
+
+    console.start(verbose=bool(getattr(args, "verbose", False)))
+    try:
+        yield
+    finally:
+        console.save_log(ctx.run)
+
+
 def _summarize_after(ctx, names: list[str], failed: bool):
     """Write and print the run summary; when a stage already failed, a summary that cannot be
     written (the storage is what failed) must not hide that first error."""
@@ -253,7 +271,7 @@ def run_pipeline(config, names: list[str], args: argparse.Namespace) -> dict | N
     from ray_align.storage import RunDir
 
     ctx = Context(config=config, run=RunDir(config.run_dir))
-    with holding_run_dir(ctx.run, args), ctx:
+    with holding_run_dir(ctx.run, args), ctx, driver_console(ctx, args):
         failed = True
         try:
             for name in names:
@@ -270,7 +288,7 @@ def run_comparison(config, args: argparse.Namespace) -> None:
     from ray_align.storage import RunDir
 
     ctx = Context(config=config, run=RunDir(config.run_dir))
-    with holding_run_dir(ctx.run, args), ctx:
+    with holding_run_dir(ctx.run, args), ctx, driver_console(ctx, args):
         failed = True
         try:
             run_compare(ctx)

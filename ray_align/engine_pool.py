@@ -21,6 +21,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from ray_align import console
 from ray_align.config import EngineConfig, ModelConfig, SamplingConfig
 
 APP_PREFIX = "ray-align-"
@@ -127,9 +128,11 @@ class SharedEngines:
         began = time.perf_counter()
         print(f"[engines] starting a shared engine pool for {fields['model_loading_config']['model_source']}",
               flush=True)
+        console.quiet()  # Serve's loggers exist once it is imported
         app = build_llm_deployment(LLMConfig(**fields), name_prefix=f"{name}-")
         serve.start(http_options={"location": "NoServer"})  # no HTTP proxy: rows arrive by handle
         serve.run(app, name=name, route_prefix=None)
+        console.quiet()  # Serve's client logger came up with it
         deployments = serve.status().applications[name].deployments
         print(f"[engines] shared engine pool up in {time.perf_counter() - began:.0f} s", flush=True)
         return next(iter(deployments))

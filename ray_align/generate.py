@@ -18,6 +18,7 @@ from typing import Any
 import pyarrow as pa
 from tqdm import tqdm
 
+from ray_align import console
 from ray_align.config import EngineConfig, ModelConfig, SamplingConfig
 from ray_align.engine_pool import SharedEngines
 from ray_align.sources import ContextLimit
@@ -298,6 +299,7 @@ def generate(
             engines.release()
         processor, started_pool = build_engine_processor(model, engine, sampling, lora), True
     dataset = processor(ray.data.from_arrow(blocks))
+    console.quiet()  # ray.llm's loggers come up with the processor
     first_result_s: float | None = None
 
     buffer: list[dict] = []
@@ -305,6 +307,7 @@ def generate(
     tokens = written = 0
     windows: list[tuple[float, float]] = []
     bar = tqdm(total=todo.num_rows, desc=desc, unit="row", dynamic_ncols=True)
+    bar.set_postfix_str("starting engines" if started_pool else "waiting for the first answers")
 
     def flush() -> None:
         nonlocal written
@@ -324,8 +327,9 @@ def generate(
             buffer.append({k: row[k] for k in RESULT_SCHEMA.names})
             tokens += row["num_generated_tokens"]
             windows.append(tuple(row["engine_window"]))
+        # rows/s and tokens/s over the stage's wall time
+        bar.set_postfix(tok_s=f"{tokens / (time.perf_counter() - started):.0f}", refresh=False)
         bar.update(batch.num_rows)
-        bar.set_postfix(tok_s=f"{tokens / (time.perf_counter() - started):.0f}")
         if len(buffer) >= engine.shard_rows:
             flush()
     flush()

@@ -17,7 +17,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from ray_align import prompts
+from ray_align import console, prompts
 from ray_align.config import Config, RayConfig, identity_hash
 from ray_align.engine_pool import SharedEngines
 from ray_align.storage import RunDir
@@ -87,7 +87,9 @@ class Context:
             return
         import ray
 
+        console.quiet()  # before ray.init's own lines
         init_ray(self.config.ray)
+        console.quiet()  # Ray and Ray Data add their loggers' terminal handlers as they start
         check_shared_storage(self.run, self.config.ray.shared_run_dir, ray.nodes())
         self._ray_ready = True
 

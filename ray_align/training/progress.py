@@ -11,6 +11,8 @@ from typing import Any
 
 from tqdm import tqdm
 
+from ray_align.console import restart_clock
+
 
 class _Progress:
     def __init__(self) -> None:
@@ -42,6 +44,8 @@ class TrainProgressBar:
                 state = ray.get(self.handle.get.remote(), timeout=poll_s * 5)
             except Exception:  # noqa: BLE001 - a slow poll must not break training
                 continue
+            if state["global_step"] and not self._bar.n:
+                restart_clock(self._bar)  # the ETA counts from the first step, not the start-up
             self._bar.n = state["global_step"]
             if "loss" in state:
                 self._bar.set_postfix(loss=f"{state['loss']:.3f}", tok_s=f"{state['tok_s']:.0f}")
