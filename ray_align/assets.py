@@ -49,13 +49,17 @@ def asset_home() -> Path:
     return Path(os.environ.get("RAY_ALIGN_ASSETS", Path.home() / ".cache/ray_align/assets"))
 
 
+# Sets written for this repository and shipped inside the package (ray_align/data/).
+PACKAGED = ("helpful", "over_refusal")
+
+
 def resolve(path: str) -> str:
     """Turn ``asset:NAME`` into a local path; other paths and URIs are returned unchanged."""
     if not path.startswith("asset:"):
         return path
     name = path.removeprefix("asset:")
-    if name == "helpful":
-        return str(resources.files("ray_align") / "data" / "helpful.jsonl")
+    if name in PACKAGED:
+        return str(resources.files("ray_align") / "data" / f"{name}.jsonl")
     candidates = [asset_home() / name, asset_home() / f"{name}.jsonl", asset_home() / f"{name}.csv"]
     for candidate in candidates:
         if candidate.exists():

@@ -237,6 +237,10 @@ class EvaluateConfig(_Strict):
     harmful: list[SourceConfig] = Field(min_length=1, description="Held-out harmful prompts.")
     helpful: SourceConfig
     reminder: bool = Field(True, description="Also score the aligned model with the reminder.")
+    over_refusal: SourceConfig | None = Field(
+        SourceConfig(path="asset:over_refusal", id_column="id", category_column="category"),
+        description="Safe prompts that sound unsafe (written for this repository, 253): every "
+        "model's refusal rate on them is its over-refusal rate. null skips them.")
     sampling: SamplingConfig = Field(SamplingConfig(max_tokens=128, temperature=0.0),
                                      description="Sampling of the answers that are scored.")
 

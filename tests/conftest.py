@@ -71,6 +71,7 @@ def tiny_config(tmp_path: Path, model: Path, harmful: int = 8, engine_in_process
     for source in raw["evaluate"]["harmful"]:
         source["limit"] = 4
     raw["evaluate"]["helpful"]["limit"] = 4
+    raw["evaluate"]["over_refusal"]["limit"] = 4
     raw["train"]["micro_batch_size"] = 2
     raw["train"]["grad_accum"] = 2  # the step counts the tests expect
     for key, value in extra.items():

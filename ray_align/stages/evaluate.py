@@ -24,6 +24,7 @@ from ray_align.generate import (
     pool_metrics,
     results_by_id,
 )
+from ray_align.judges.over_refusal import over_refusal_rate
 from ray_align.judges.refusal import is_refusal, judge_accuracy
 from ray_align.pipeline import Context, StageOutput, with_harm_label, write_quarantine
 from ray_align.sources import load_source
@@ -37,6 +38,7 @@ ANSWER_SCHEMA = pa.schema([
 ])
 TRUNCATE = 160
 NO_ATTACK = "none"
+OVER_REFUSAL = "over_refusal"  # the ``set`` of the safe prompts that sound unsafe
 
 
 def _words(text: str) -> list[str]:
@@ -98,9 +100,11 @@ def _answerers(ctx: Context) -> list[Answerer]:
     return out
 
 
-def held_out_sets(ctx: Context, folder: str = "evaluate") -> tuple[list[dict], list[dict]]:
-    """The held-out harmful prompts (each row's ``set`` names its file) and helpful prompts;
-    refuses a harmful prompt that was also an induction prompt."""
+def held_out_sets(ctx: Context, folder: str = "evaluate",
+                  over_refusal: bool = False) -> tuple[list[dict], list[dict]]:
+    """The held-out harmful prompts (each row's ``set`` names its file) and helpful prompts,
+    with ``over_refusal`` the over-refusal set's too (``set`` "over_refusal"); refuses a harmful
+    prompt that was also an induction prompt."""
     cfg, run = ctx.config, ctx.run
     trained = set(run.read_table("induce", "data.parquet").column("instruction").to_pylist())
     harmful, quarantined = [], []
@@ -121,20 +125,30 @@ def held_out_sets(ctx: Context, folder: str = "evaluate") -> tuple[list[dict], l
     loaded = load_source(cfg.evaluate.helpful, cfg.data.max_prompt_chars, cfg.data.on_bad_row,
                          "helpful_eval", fits)
     quarantined += loaded.quarantined
+    helpful = [{**r, "set": "helpful"} for r in loaded.table.to_pylist()]
+    if over_refusal and cfg.evaluate.over_refusal is not None:
+        loaded = load_source(cfg.evaluate.over_refusal, cfg.data.max_prompt_chars,
+                             cfg.data.on_bad_row, OVER_REFUSAL, fits)
+        quarantined += loaded.quarantined
+        helpful += [{**r, "set": OVER_REFUSAL} for r in loaded.table.to_pylist()]
     write_quarantine(run, folder, quarantined)
-    return harmful, [{**r, "set": "helpful"} for r in loaded.table.to_pylist()]
+    return harmful, helpful
 
 
 def _metrics(answers: list[dict]) -> dict[str, dict[str, float]]:
     out: dict[str, dict[str, float]] = {}
     for variant in dict.fromkeys(a["variant"] for a in answers):
         mine = [a for a in answers if a["variant"] == variant]
-        harmful = [a for a in mine if a["set"] != "helpful"]
+        harmful = [a for a in mine if a["set"] not in ("helpful", OVER_REFUSAL)]
         helpful = [a for a in mine if a["set"] == "helpful"]
+        safe = [a for a in mine if a["set"] == OVER_REFUSAL]
         scores = {"harmless_rate": sum(a["refused"] for a in harmful) / max(len(harmful), 1),
                   "helpful_answer_rate": sum(not a["refused"] for a in helpful) / max(len(helpful), 1),
                   "helpful_reference_f1": sum(a["reference_f1"] or 0 for a in helpful) / max(len(helpful), 1),
                   "harmful_prompts": len(harmful), "helpful_prompts": len(helpful)}
+        if safe:  # refusing a safe prompt that only sounds unsafe: harmless and useless
+            scores.update(over_refusal_rate=over_refusal_rate([a["refused"] for a in safe]),
+                          over_refusal_prompts=len(safe))
         for name in sorted({a["set"] for a in harmful}):
             subset = [a for a in harmful if a["set"] == name]
             scores[f"harmless_rate[{name}]"] = sum(a["refused"] for a in subset) / len(subset)
@@ -148,11 +162,16 @@ def _report(metrics: dict, judge: dict, answers: list[dict]) -> str:
              f"human-labelled responses ({judge.get('n', 0)} rows, pyrit refusal set): "
              f"accuracy {judge.get('accuracy', float('nan')):.3f}, precision "
              f"{judge.get('precision', float('nan')):.3f}, recall {judge.get('recall', float('nan')):.3f}.",
-             "", "| model | harmless rate | helpful answer rate | helpful reference F1 |",
-             "| --- | --- | --- | --- |"]
+             "", "| model | harmless rate | over-refusal rate | helpful answer rate | "
+             "helpful reference F1 |", "| --- | --- | --- | --- | --- |"]
     for variant, m in metrics.items():
-        lines.append(f"| {variant} | {m['harmless_rate']:.3f} | {m['helpful_answer_rate']:.3f} | "
-                     f"{m['helpful_reference_f1']:.3f} |")
+        over = f"{m['over_refusal_rate']:.3f}" if "over_refusal_rate" in m else "-"
+        lines.append(f"| {variant} | {m['harmless_rate']:.3f} | {over} | "
+                     f"{m['helpful_answer_rate']:.3f} | {m['helpful_reference_f1']:.3f} |")
+    if any("over_refusal_rate" in m for m in metrics.values()):
+        lines += ["", "Over-refusal rate: the share of safe prompts that only sound unsafe "
+                  "(`asset:over_refusal`, or `evaluate.over_refusal`) that the model declined, "
+                  "by the same refusal detector: lower is better."]
     lines += ["", "## Sample answers (truncated; harmful prompts may produce harmful text)", ""]
     for variant in metrics:
         for a in [a for a in answers if a["variant"] == variant][:3]:
@@ -244,7 +263,7 @@ def answer_all(ctx: Context, folder: str, answerers: list[Answerer],
 
 def evaluate(ctx: Context) -> StageOutput:
     run = ctx.run
-    harmful, helpful = held_out_sets(ctx)
+    harmful, helpful = held_out_sets(ctx, over_refusal=True)
     ctx.ensure_ray()
     answers, tokens, seconds, pools = answer_all(ctx, "evaluate", _answerers(ctx), harmful + helpful)
     labels = asset_home() / "refusal_labels.jsonl"
@@ -256,7 +275,8 @@ def evaluate(ctx: Context) -> StageOutput:
                    "evaluate", "report.json")
     run.write_bytes(_report(metrics, judge, answers).encode(), "evaluate", "report.md")
     flat = {f"{v}.{k}": val for v, m in metrics.items() for k, val in m.items()
-            if k in ("harmless_rate", "helpful_answer_rate", "helpful_reference_f1")}
+            if k in ("harmless_rate", "over_refusal_rate", "helpful_answer_rate",
+                     "helpful_reference_f1")}
     flat.update(judge_accuracy=judge.get("accuracy"), output_tokens=tokens,
                 tokens_per_s=tokens_per_s(tokens, seconds), **pools)
     return StageOutput(len(answers), "answers.parquet", flat)

@@ -103,3 +103,11 @@ def test_the_rate_on_a_hand_made_case():
     ]
     assert refusals(answers) == [False, True, False, True]
     assert score_answers(answers) == 0.5
+
+
+def test_any_prefix_of_the_file_spreads_over_every_kind_of_wording():
+    """Configs take the first N rows (``limit``): the file interleaves the categories so that
+    N >= 11 rows cover every one of them."""
+    rows = load_over_refusal()
+    kinds = {row["category"] for row in rows}
+    assert {row["category"] for row in rows[:len(kinds)]} == kinds

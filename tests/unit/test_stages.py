@@ -121,6 +121,14 @@ def test_evaluate_scores_every_variant_and_refuses_overlap(ctx, monkeypatch, tin
     assert report["aligned+reminder"]["harmless_rate"] == 1.0
     assert report["base"]["helpful_answer_rate"] == 1.0 and report["base"]["helpful_reference_f1"] > 0
     assert out.metrics["aligned+reminder.harmless_rate"] == 1.0
+    # the over-refusal set (22 safe prompts in the quickstart): declining them is over-refusal
+    assert report["base"]["over_refusal_prompts"] == 22
+    assert report["base"]["over_refusal_rate"] == 0.0
+    assert out.metrics["aligned+reminder.over_refusal_rate"] == 1.0
+    answers = ctx.run.read_table("evaluate", "answers.parquet").to_pylist()
+    safe = [a for a in answers if a["set"] == "over_refusal"]
+    assert len(safe) == 3 * 22 and all(a["reference_f1"] is None for a in safe)
+    assert "| over-refusal rate |" in ctx.run.read_bytes("evaluate", "report.md").decode()
 
 
 def test_unigram_f1():
