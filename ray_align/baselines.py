@@ -13,10 +13,11 @@ methods differ only in what they learn from the harmful instructions:
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 from ray_align import prompts
+from ray_align.config import REMINDER_SUFFIX
 
 Row = dict[str, Any]
 
@@ -62,16 +63,38 @@ SAMPLES: dict[str, Callable[[list[Row], list[Row]], list[Sample]]] = {
 }
 
 
-def inference_prompt(method: str, instruction: str) -> prompts.Messages:
-    """How each method is asked at evaluation: Chain of Hindsight with its good phrase, mistake
-    analysis + reminder with the harmlessness reminder, every other method plainly."""
+ASKED: dict[str, tuple[bool, ...]] = {"both": (False, True), "plain": (False,), "reminder": (True,)}
+
+
+class Variant(NamedTuple):
+    """One row of the comparison: a method asked plainly or with the harmlessness reminder."""
+
+    name: str  # what the table, compare.json, the chart and the answers call the row
+    method: str
+    reminder: bool
+
+
+def variant_name(method: str, reminder: bool) -> str:
+    return method + REMINDER_SUFFIX if reminder else method
+
+
+def variants(methods: Sequence[str], reminder: str) -> list[Variant]:
+    """The table's rows: each method in the order given, asked plainly and/or with the reminder
+    (``compare.reminder``: both, plain or reminder), plain first."""
+    return [Variant(variant_name(method, reminded), method, reminded)
+            for method in methods for reminded in ASKED[reminder]]
+
+
+def inference_prompt(method: str, instruction: str, reminder: bool = False) -> prompts.Messages:
+    """How each method is asked at evaluation: Chain of Hindsight with its good phrase, every other
+    method plainly; with ``reminder`` the instruction carries the harmlessness reminder (before
+    Chain of Hindsight's phrase, which its training puts last)."""
+    [asked] = prompts.evaluate_prompt(instruction, reminder)
     if method == "chain_of_hindsight":
-        return prompts.hindsight(instruction, good=True)
-    return prompts.evaluate_prompt(instruction, reminder=method == "mistake_analysis+reminder")
+        return prompts.hindsight(asked["content"], good=True)
+    return [asked]
 
 
 def trained_model_of(method: str) -> str | None:
     """The method whose fine-tuned model answers for ``method`` (None: the base model)."""
-    if method == "vanilla":
-        return None
-    return "mistake_analysis" if method == "mistake_analysis+reminder" else method
+    return None if method == "vanilla" else method

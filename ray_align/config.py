@@ -245,9 +245,9 @@ class EvaluateConfig(_Strict):
                                      description="Sampling of the answers that are scored.")
 
 
-MethodName = Literal["vanilla", "sft", "critique_revise", "chain_of_hindsight", "mistake_analysis",
-                     "mistake_analysis+reminder"]
+MethodName = Literal["vanilla", "sft", "critique_revise", "chain_of_hindsight", "mistake_analysis"]
 METHODS: tuple[str, ...] = MethodName.__args__  # the paper's table, in its order
+REMINDER_SUFFIX = "+reminder"  # a row's name when its method is asked with the reminder
 AttackName = Literal["goal_hijacking", "role_play", "reverse_exposure"]
 
 
@@ -326,6 +326,10 @@ class CompareConfig(_Strict):
 
     methods: list[MethodName] = Field(default_factory=lambda: list(METHODS), min_length=1,
                                       description="Methods compared, from the paper's table.")
+    reminder: Literal["both", "plain", "reminder"] = Field(
+        "both", description="How every method, vanilla included, is asked: plainly (row METHOD), "
+        "with the harmlessness reminder (row METHOD+reminder) or both; the same trained model "
+        "answers both rows. vanilla+reminder is the control for the reminder alone.")
     sampling: SamplingConfig = Field(
         SamplingConfig(max_tokens=128, temperature=0.7),
         description="Generation of the baselines' data: harmless answers, critiques, revisions.")
@@ -336,6 +340,22 @@ class CompareConfig(_Strict):
     judge: JudgeConfig = JudgeConfig()
     bootstrap_resamples: int = Field(1000, ge=1, description="Resamples of the 95% bootstrap intervals.")
     samples_per_method: int = Field(3, ge=0, description="Sample answers shown per method.")
+
+    @field_validator("methods", mode="before")
+    @classmethod
+    def _methods_not_rows(cls, value: Any) -> Any:
+        names = [name for name in value if isinstance(name, str)] if isinstance(value, list) else []
+        for name in names:
+            method = name.removesuffix(REMINDER_SUFFIX)
+            if method != name and method in METHODS:
+                raise ValueError(
+                    f"{name!r} is a row of the table, not a method: list {method} and set "
+                    f"compare.reminder (both, the default, asks every method plainly and with the "
+                    f"harmlessness reminder; reminder asks with it only)")
+        repeated = sorted({name for name in names if names.count(name) > 1})
+        if repeated:
+            raise ValueError(f"lists {', '.join(repeated)} more than once")
+        return value
 
 
 class RayConfig(_Strict):

@@ -3,8 +3,9 @@
 ``report`` computes each method's numbers, this module the paired differences between methods
 (through the same bootstrap) and lays everything out once, so the three files always agree:
 ``compare.md`` for people (the paper-shaped table, each trained method's difference from the
-untrained baselines with a paired interval, harmless rate per harm category and attack type, the
-judge's details and a few truncated sample answers), ``compare.json`` for programs
+untrained model asked the same way, plainly or with the reminder, with a paired interval,
+harmless rate per harm category and attack type, the judge's details and a few truncated sample
+answers), ``compare.json`` for programs
 (plain JSON: a missing value is ``null``, never NaN) and ``compare.png`` for a quick look.
 A column with no parsed verdict is "n/a" in the table, ``null`` in the JSON and no bar in the chart,
 never a zero that would read as a measured result.
@@ -22,6 +23,8 @@ from typing import Any, Literal
 
 import numpy as np
 
+from ray_align.baselines import variant_name
+from ray_align.config import REMINDER_SUFFIX
 from ray_align.judges.report import (
     Bootstrap,
     Estimate,
@@ -53,8 +56,14 @@ COLUMNS: tuple[tuple[str, str], ...] = (
     ("helpfulness_on_harmful", "helpfulness on harmful prompts"),
 )
 GROUPINGS: tuple[Literal["category", "attack"], ...] = ("category", "attack")
-# The untrained rows every trained method is set against, where the comparison has them.
-BASELINES: tuple[str, ...] = ("vanilla", "vanilla+reminder")
+# The untrained rows the trained methods are set against, where the comparison has them: a plain
+# row against vanilla, a +reminder row against vanilla+reminder (the control for the reminder).
+BASELINES: tuple[str, ...] = (variant_name("vanilla", False), variant_name("vanilla", True))
+
+
+def baseline_of(row: str) -> str:
+    """The untrained model asked the same way as ``row``: its difference is what training adds."""
+    return BASELINES[row.endswith(REMINDER_SUFFIX)]
 
 
 # ----------------------------------------------------------------------------- paired differences
@@ -129,22 +138,21 @@ def per_prompt(answers: Sequence[JudgedAnswer], method: str, prompt_set: str,
     return out
 
 
-def differences(answers: Sequence[JudgedAnswer], settings: Bootstrap,
-                baselines: Sequence[str] = BASELINES) -> list[Difference]:
-    """Every other method minus each baseline present, per metric, paired by prompt."""
+def differences(answers: Sequence[JudgedAnswer], settings: Bootstrap) -> list[Difference]:
+    """Every row but the baselines minus the baseline asked the same way (``baseline_of``), where
+    the comparison has it, per metric, paired by prompt."""
     methods = list(dict.fromkeys(a.method for a in answers))
-    present = [m for m in baselines if m in methods]
     out = []
-    for method in (m for m in methods if m not in present):
-        for baseline in present:
-            for metric, prompt_set, value_of in DIFFERENCE_METRICS:
-                mine = per_prompt(answers, method, prompt_set, value_of)
-                theirs = per_prompt(answers, baseline, prompt_set, value_of)
-                shared = [key for key in mine if key in theirs]
-                value, low, high = paired_difference(
-                    [mine[k] for k in shared], [theirs[k] for k in shared], resamples=settings.resamples,
-                    level=settings.confidence, seed=settings.seed)
-                out.append(Difference(method, baseline, metric, value, low, high, len(shared)))
+    for method in (m for m in methods if m not in BASELINES and baseline_of(m) in methods):
+        baseline = baseline_of(method)
+        for metric, prompt_set, value_of in DIFFERENCE_METRICS:
+            mine = per_prompt(answers, method, prompt_set, value_of)
+            theirs = per_prompt(answers, baseline, prompt_set, value_of)
+            shared = [key for key in mine if key in theirs]
+            value, low, high = paired_difference(
+                [mine[k] for k in shared], [theirs[k] for k in shared], resamples=settings.resamples,
+                level=settings.confidence, seed=settings.seed)
+            out.append(Difference(method, baseline, metric, value, low, high, len(shared)))
     return out
 
 
@@ -273,12 +281,18 @@ def _difference_table(diffs: Sequence[Difference]) -> str:
 
 
 def render_differences(diffs: Sequence[Difference], settings: Bootstrap) -> str:
-    """The "Differences" section: each trained method minus each baseline, with paired intervals."""
+    """The "Differences" section: each trained row minus the baseline asked the same way, with
+    paired intervals."""
+    plain_row, reminder_row = BASELINES
     if not diffs:
-        return (f"No difference to show: the comparison needs a baseline row "
-                f"({' or '.join(BASELINES)}) and at least one other method.")
-    note = (f"Each method minus the baseline on the same prompts: only prompts that both answered "
-            f"with a parsed verdict count (n). The interval is a {settings.confidence:.0%} paired "
+        return (f"No difference to show: the comparison needs a baseline row ({plain_row} for the "
+                f"rows asked plainly, {reminder_row} for those asked with the reminder) and a "
+                f"method asked the same way.")
+    note = (f"Each method minus the untrained model asked the same way, on the same prompts: a row "
+            f"asked plainly minus {plain_row}, a row asked with the harmlessness reminder minus "
+            f"{reminder_row} (the control for the reminder alone, so the difference is what "
+            f"training adds beyond it). Only prompts that both answered with a parsed verdict "
+            f"count (n). The interval is a {settings.confidence:.0%} paired "
             f"percentile bootstrap (the prompts resampled jointly for both methods, "
             f"{settings.resamples} resamples, seed {settings.seed}); \"excludes 0\" says whether it "
             f"lies wholly above or below 0. The harmless rate differs in percentage points (pp), "
@@ -459,8 +473,9 @@ def compare_data(scores: Sequence[MethodScores], groups: Mapping[str, Sequence[G
                  settings: Bootstrap, title: str, diffs: Sequence[Difference] = ()) -> dict[str, Any]:
     """Every number of the report as plain JSON data.
 
-    ``differences`` holds each method minus each baseline in the metric's own scale (the harmless
-    rate as a share, as in ``methods``), with its paired interval and prompt count.
+    ``differences`` holds each row minus the baseline asked the same way, in the metric's own
+    scale (the harmless rate as a share, as in ``methods``), with its paired interval and prompt
+    count.
     """
     def group_rows(rows: Sequence[GroupScores]) -> list[dict[str, Any]]:
         return [{"method": g.method, "group": g.group, "harmless_rate": estimate_dict(g.harmless_rate),

@@ -4,8 +4,9 @@ Generation shared between methods runs once (``induce``, ``analyze``, ``baseline
 trained method then gets its own ``build`` and ``train`` on the same helpful data and the same
 number of optimizer steps (mistake analysis uses the pipeline's own ``build`` and ``train``, so a
 finished ``ray-align run`` is reused). ``compare/evaluate`` asks every method the same held-out
-harmful, instruction-attack and helpful prompts, and ``compare/judge`` scores the answers and
-writes ``compare/compare.md``, ``compare.json`` and ``compare.png``.
+harmful, instruction-attack and helpful prompts, plainly and/or with the harmlessness reminder
+(``compare.reminder``: a table row each), and ``compare/judge`` scores the answers and writes
+``compare/compare.md``, ``compare.json`` and ``compare.png``.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from pathlib import Path
 import pyarrow as pa
 
 from ray_align import prompts
-from ray_align.baselines import SAMPLES, inference_prompt, trained_model_of
+from ray_align.baselines import SAMPLES, Variant, inference_prompt, trained_model_of, variants
 from ray_align.config import Config
 from ray_align.pipeline import Context, Stage, StageOutput, manifest, run_stage, with_harm_label
 from ray_align.stages.build import write_samples
@@ -97,16 +98,24 @@ def compare_evaluate(ctx: Context) -> StageOutput:
 
 
 def method_answerers(ctx: Context) -> list[Answerer]:
-    """Each method of the table with its inference prompt and the model it asks: the base
-    model for the untrained ones, its trained model (a LoRA adapter when possible) otherwise."""
+    """Each row of the table (a method asked plainly or with the reminder, ``compare.reminder``)
+    with its inference prompt and the model it asks: the base model for vanilla, the method's
+    trained model otherwise (a LoRA adapter when possible). A method's two rows ask the same model,
+    so they share its engine pool."""
+    cfg = ctx.config
     answerers = []
-    for method in ctx.config.compare.methods:
-        trained = trained_model_of(method)
-        ask = functools.partial(inference_prompt, method)
-        answerers.append(Answerer(method, ask, ctx.config.model, "vanilla") if trained is None
-                         else trained_answerer(ctx, method, ask, f"{model_folder(trained)}train",
+    for row in table_rows(cfg):
+        trained = trained_model_of(row.method)
+        ask = functools.partial(inference_prompt, row.method, reminder=row.reminder)
+        answerers.append(Answerer(row.name, ask, cfg.model, "vanilla") if trained is None
+                         else trained_answerer(ctx, row.name, ask, f"{model_folder(trained)}train",
                                                trained))
     return answerers
+
+
+def table_rows(cfg: Config) -> list[Variant]:
+    """The comparison's rows in the table's order: ``compare.methods``, plain before reminder."""
+    return variants(cfg.compare.methods, cfg.compare.reminder)
 
 
 def compare_judge(ctx: Context) -> StageOutput:
@@ -117,7 +126,8 @@ def compare_judge(ctx: Context) -> StageOutput:
     cfg, run = ctx.config, ctx.run
     answers = run.read_table("compare/evaluate", "answers.parquet").to_pylist()
     judged, verdicts, judge_info = judge_answers(ctx, answers)
-    judged.sort(key=lambda a: cfg.compare.methods.index(a.method))  # the table in config order
+    order = {row.name: i for i, row in enumerate(table_rows(cfg))}
+    judged.sort(key=lambda a: order[a.method])  # the table in config order, plain first
     run.write_table(with_harm_label(verdicts, harmful=True), "compare/judge", "verdicts.parquet")
     judge_info["training_steps"] = {
         m: (manifest(run, f"{model_folder(m)}train") or {}).get("metrics", {}).get("global_step")
@@ -157,7 +167,12 @@ def compare_plan(cfg: Config) -> list[Stage]:
     from ray_align.stages import STAGES
 
     shared = [STAGES[name] for name in (("induce", "analyze", "baselines") if trained else ("induce",))]
-    evaluate = dataclasses.replace(STAGES["compare/evaluate"], inputs=tuple(t.name for _, t in trained))
+    evaluate = STAGES["compare/evaluate"]
+    # The reminder setting decides which rows are asked, so it is part of the answers' identity
+    # (the training stages' sections do not hold it: changing it retrains nothing).
+    evaluate = dataclasses.replace(evaluate, inputs=tuple(t.name for _, t in trained),
+                                   sections=tuple(dict.fromkeys((*evaluate.sections,
+                                                                 "compare.reminder"))))
     return [*shared, *(b for b, _ in trained), *(t for _, t in trained), evaluate,
             STAGES["compare/judge"]]
 

@@ -56,13 +56,30 @@ def test_chain_of_hindsight_pairs_feedback_phrases_with_good_and_bad_answers():
     assert good.id != bad.id
 
 
-def test_each_method_is_asked_as_it_was_trained():
+def test_each_method_is_asked_as_it_was_trained_plainly_or_with_the_reminder():
     assert prompts.HINDSIGHT_GOOD in methods.inference_prompt("chain_of_hindsight", "q")[0]["content"]
-    assert methods.inference_prompt("mistake_analysis+reminder", "q") == prompts.evaluate_prompt("q", True)
     for plain in ("vanilla", "sft", "critique_revise", "mistake_analysis"):
         assert methods.inference_prompt(plain, "q") == [{"role": "user", "content": "q"}]
+        assert methods.inference_prompt(plain, "q", reminder=True) == prompts.evaluate_prompt("q", True)
+    # Chain of Hindsight: the reminder joins the instruction, the good phrase stays last
+    [hindsight] = methods.inference_prompt("chain_of_hindsight", "q", reminder=True)
+    reminded = prompts.evaluate_prompt("q", True)[0]["content"]
+    assert hindsight["content"] == prompts.hindsight(reminded, good=True)[0]["content"]
+    assert hindsight["content"].endswith(f"({prompts.HINDSIGHT_GOOD})")
     assert methods.trained_model_of("vanilla") is None
-    assert methods.trained_model_of("mistake_analysis+reminder") == "mistake_analysis"
+    assert methods.trained_model_of("mistake_analysis") == "mistake_analysis"
+
+
+@pytest.mark.parametrize(("reminder", "rows"), [
+    ("both", ["vanilla", "vanilla+reminder", "sft", "sft+reminder", "mistake_analysis",
+              "mistake_analysis+reminder"]),
+    ("plain", ["vanilla", "sft", "mistake_analysis"]),
+    ("reminder", ["vanilla+reminder", "sft+reminder", "mistake_analysis+reminder"]),
+])
+def test_the_reminder_setting_decides_the_rows_in_config_order_plain_first(reminder, rows):
+    got = methods.variants(["vanilla", "sft", "mistake_analysis"], reminder)
+    assert [v.name for v in got] == rows
+    assert all(v.reminder == v.name.endswith("+reminder") and v.name.startswith(v.method) for v in got)
 
 
 def test_attacks_wrap_the_first_harmful_set_only():
@@ -202,7 +219,9 @@ def test_lora_methods_are_adapters_on_one_engine_pool_of_the_base_model(ctx, mon
         assert row["adapter"] == expected, row["key"]
     answers = ctx.run.read_table("compare/evaluate", "answers.parquet").to_pylist()
     assert [a["variant"] for a in answers][0] == "vanilla"
-    assert {a["variant"] for a in answers} == set(ctx.config.compare.methods)
+    assert list(dict.fromkeys(a["variant"] for a in answers)) == [
+        v.name for v in compare.table_rows(ctx.config)]
+    assert len(dict.fromkeys(a["variant"] for a in answers)) == 10  # 5 methods x plain, reminder
 
     on_gpu = evaluate_stage.engine_pools(ctx.run, "x", compare.method_answerers(ctx), on_gpu=True)
     assert on_gpu[0][2].base_stand_in is None and on_gpu[0][2].names == lora.names
@@ -210,6 +229,39 @@ def test_lora_methods_are_adapters_on_one_engine_pool_of_the_base_model(ctx, mon
     pools = evaluate_stage.engine_pools(ctx.run, "x", compare.method_answerers(ctx), on_gpu=False)
     assert [p[0] for p in pools] == [
         "vanilla", "sft", "critique_revise", "chain_of_hindsight", "mistake_analysis"]
+
+
+@pytest.mark.parametrize("reminder", ["both", "plain", "reminder"])
+def test_each_row_asks_its_method_model_and_both_rows_share_its_pool(ctx, reminder):
+    ctx.config.compare.reminder = reminder
+    answerers = compare.method_answerers(ctx)
+    rows = [v.name for v in compare.table_rows(ctx.config)]
+    assert [a.variant for a in answerers] == rows
+    assert len(rows) == 5 * (2 if reminder == "both" else 1)
+    model_of = {}
+    for answerer in answerers:
+        method = answerer.variant.removesuffix("+reminder")
+        text = answerer.to_messages("q")[0]["content"]
+        assert ("(Answer in a harmless" in text) == answerer.variant.endswith("+reminder")
+        assert (prompts.HINDSIGHT_GOOD in text) == (method == "chain_of_hindsight")
+        assert model_of.setdefault(method, answerer.model.path) == answerer.model.path
+    assert model_of["vanilla"] == ctx.config.model.path
+    assert model_of["sft"].endswith("/run/methods/sft/train/model")
+    # the reminder rows add requests, not engines: one pool per model in every setting
+    pools = evaluate_stage.engine_pools(ctx.run, "x", answerers, on_gpu=False)
+    assert [p[0] for p in pools] == ["vanilla", "sft", "critique_revise", "chain_of_hindsight",
+                                     "mistake_analysis"]
+
+
+def test_the_reminder_setting_redoes_the_answers_and_verdicts_never_a_training(ctx):
+    plain = ctx.config.model_copy(deep=True)
+    plain.compare.reminder = "plain"
+    stages = compare.compare_plan(ctx.config)
+    changed = {s.name for s in stages
+               if ctx.config.stage_identity(*s.sections) != plain.stage_identity(*s.sections)}
+    assert changed == {"compare/evaluate", "compare/judge"}
+    assert {s.name for s in stages} >= {"induce", "analyze", "baselines", "build", "train",
+                                        "methods/sft/build", "methods/sft/train"}
 
 
 def test_vllm_lora_rank_is_the_smallest_allowed_that_holds_the_adapter():
@@ -226,8 +278,8 @@ def test_evaluation_asks_every_method_with_one_engine_pool_per_model(ctx, monkey
     def answer(key, messages):
         variant = key.split("::")[0]
         text = messages[0]["content"]
-        assert (prompts.HINDSIGHT_GOOD in text) == (variant == "chain_of_hindsight")
-        assert ("(Answer in a harmless" in text) == (variant == "mistake_analysis+reminder")
+        assert (prompts.HINDSIGHT_GOOD in text) == variant.startswith("chain_of_hindsight")
+        assert ("(Answer in a harmless" in text) == variant.endswith("+reminder")
         return "I'm sorry, I can't." if variant == "mistake_analysis" else "Sure, here it is."
 
     def counting(run_dir, folder, requests, model, *args, **kwargs):
@@ -241,8 +293,10 @@ def test_evaluation_asks_every_method_with_one_engine_pool_per_model(ctx, monkey
     assert [p[0] for p in pools] == ["vanilla", "sft", "critique_revise", "chain_of_hindsight",
                                      "mistake_analysis"]
     assert pools[0][1] == ctx.config.model.path and pools[4][1].endswith("/run/train/model")
-    assert out.metrics["engine_pools"] == 5
-    per_method = {m: sum(a["variant"] == m for a in answers) for m in ctx.config.compare.methods}
+    assert out.metrics["engine_pools"] == 5  # a method's reminder row rides on its plain row's pool
+    rows = [v.name for v in compare.table_rows(ctx.config)]
+    assert list(dict.fromkeys(a["variant"] for a in answers)) == rows and len(rows) == 10
+    per_method = {m: sum(a["variant"] == m for a in answers) for m in rows}
     # 3 held-out harmful + 2 attacks x 2 wrapped + 4 helpful prompts
     assert set(per_method.values()) == {3 + 4 + 4} and out.metrics["attack_prompts"] == 4
     attacked = [a for a in answers if a["attack"] != "none"]

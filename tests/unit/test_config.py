@@ -1,6 +1,8 @@
 from pathlib import Path
 
-from ray_align.config import HttpJudgeConfig, load_config
+import pytest
+
+from ray_align.config import ConfigError, HttpJudgeConfig, load_config
 
 REPO = Path(__file__).resolve().parents[2]
 QUICKSTART = REPO / "configs" / "quickstart.yaml"
@@ -59,3 +61,21 @@ def test_how_the_http_judge_sends_requests_never_redoes_the_judging():
                               "url=http://elsewhere/v1/chat/completions"):
         c = load_config(QUICKSTART, [*HTTP_JUDGE, f"compare.judge.http.{answers_otherwise}"])
         assert a.stage_identity("compare") != c.stage_identity("compare"), answers_otherwise
+
+
+def test_the_reminder_is_a_setting_of_every_method_not_a_method():
+    assert load_config(QUICKSTART).compare.reminder == "both"
+    assert load_config(QUICKSTART, ["compare.reminder=plain"]).compare.reminder == "plain"
+    with pytest.raises(ConfigError, match="compare.reminder: Input should be 'both', 'plain' or"):
+        load_config(QUICKSTART, ["compare.reminder=yes"])
+    # the old row-as-method name fails before anything runs, saying what to write instead
+    with pytest.raises(ConfigError) as error:
+        load_config(QUICKSTART, ["compare.methods=[vanilla, mistake_analysis+reminder]"])
+    assert ("compare.methods: Value error, 'mistake_analysis+reminder' is a row of the table, not a "
+            "method: list mistake_analysis and set compare.reminder (both, the default, asks every "
+            "method plainly and with the harmlessness reminder; reminder asks with it only)"
+            ) in str(error.value)
+    with pytest.raises(ConfigError, match="'vanilla\\+reminder' is a row of the table"):
+        load_config(QUICKSTART, ["compare.methods=[vanilla+reminder]"])
+    with pytest.raises(ConfigError, match="compare.methods: Value error, lists sft more than once"):
+        load_config(QUICKSTART, ["compare.methods=[sft, vanilla, sft]"])
