@@ -27,10 +27,12 @@ pytestmark = pytest.mark.integration
 
 
 # Every kind of method, each once: the untrained model, a baseline trained on the shared
-# generation's second round (critiques, then revisions), mistake analysis with and without the
-# reminder. sft and chain_of_hindsight differ from critique_revise only in which samples they
-# train on (tests/unit/test_compare.py); each extra model costs CI a training and an engine.
-METHODS = ["vanilla", "critique_revise", "mistake_analysis", "mistake_analysis+reminder"]
+# generation's second round (critiques, then revisions), mistake analysis; each asked plainly and
+# with the reminder (compare.reminder: both). sft and chain_of_hindsight differ from
+# critique_revise only in which samples they train on (tests/unit/test_compare.py); each extra
+# model costs CI a training and an engine.
+METHODS = ["vanilla", "critique_revise", "mistake_analysis"]
+ROWS = [method + reminded for method in METHODS for reminded in ("", "+reminder")]
 TRAINED = ["critique_revise", "mistake_analysis"]
 
 PLANTED = {"HF_TOKEN": "hf_plantedSecretTokenValue0123456789",
@@ -198,8 +200,8 @@ def check_comparison(run, stdout: str) -> None:
     assert sorted(p.name for p in (run / "methods").iterdir()) == sorted(kinds)  # nothing else
 
     answers = pq.read_table(run / "compare" / "evaluate" / "answers.parquet").to_pylist()
-    assert {a["variant"] for a in answers} == set(METHODS)
-    per_method = {m: sum(a["variant"] == m for a in answers) for m in METHODS}
+    assert {a["variant"] for a in answers} == set(ROWS)
+    per_method = {m: sum(a["variant"] == m for a in answers) for m in ROWS}
     assert len(set(per_method.values())) == 1 and per_method["vanilla"] > 0, per_method
     assert {a["attack"] for a in answers} == {"none", "goal_hijacking", "role_play"}
 
@@ -208,5 +210,5 @@ def check_comparison(run, stdout: str) -> None:
     assert report["judge"]["kind"] == "offline"
     assert report["judge"]["held_out"]["harm"]["auroc"] > 0.5
     table = (run / "compare" / "compare.md").read_text()
-    assert all(f"| {method} |" in table for method in METHODS)
+    assert all(f"| {row} |" in table for row in ROWS)
     assert (run / "compare" / "compare.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
