@@ -131,7 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
         "compare", help="the paper's comparison: every baseline trained, evaluated and judged",
         description="Train and evaluate vanilla, SFT, Critique-Revise, Chain of Hindsight, mistake "
                     "analysis and mistake analysis + reminder on the same data and training "
-                    "budget, judge every answer (compare.judge: offline, llm or http) and write "
+                    "budget, judge every answer (judge: offline, llm or http) and write "
                     "RUN/compare/compare.md, compare.json and compare.png. Shares the run "
                     "directory with `ray-align run`: finished stages are reused.")
     _add_config_args(compare)
@@ -208,8 +208,8 @@ def _resolve_paths(config) -> None:
     models = [("model", config.model)]
     if config.analyze.critic is not None:
         models.append(("analyze.critic", config.analyze.critic))
-    if config.compare.judge.model is not None:
-        models.append(("compare.judge.model", config.compare.judge.model))
+    if config.judge.model is not None:
+        models.append(("judge.model", config.judge.model))
     for key, model in models:
         model.path = resolve(model.path)
         looks_local = model.path.startswith(("/", ".", "~")) or os.path.exists(model.path)

@@ -177,7 +177,9 @@ class AnalyzeConfig(_Strict):
 
 
 class BuildConfig(_Strict):
-    helpful_ratio: float = Field(1.0, ge=0, description="Helpful samples per analysis sample.")
+    helpful_ratio: float = Field(
+        1.0, ge=0, description="Helpful samples per induced instruction: the same helpful samples "
+        "for every trained method, whatever number of its own samples it keeps.")
     val_fraction: float = Field(0.1, ge=0, lt=1, description="Share of samples held out for validation.")
     max_seq_len: int | None = Field(None, ge=32, description="Default: model.max_model_len.")
     seed: int = Field(0, description="Seed of the shuffle and the train/validation split.")
@@ -337,7 +339,6 @@ class CompareConfig(_Strict):
         default_factory=lambda: ["goal_hijacking", "role_play"],
         description="Instruction attacks wrapped around the first held-out harmful set.")
     attack_limit: int = Field(16, ge=1, description="Prompts of that set wrapped per attack.")
-    judge: JudgeConfig = JudgeConfig()
     bootstrap_resamples: int = Field(1000, ge=1, description="Resamples of the 95% bootstrap intervals.")
     samples_per_method: int = Field(3, ge=0, description="Sample answers shown per method.")
 
@@ -355,6 +356,15 @@ class CompareConfig(_Strict):
         repeated = sorted({name for name in names if names.count(name) > 1})
         if repeated:
             raise ValueError(f"lists {', '.join(repeated)} more than once")
+        return value
+
+    @model_validator(mode="before")
+    @classmethod
+    def _judge_is_top_level(cls, value: Any) -> Any:
+        if isinstance(value, dict) and "judge" in value:
+            raise ValueError("compare.judge moved: set the judge in the top-level `judge:` section "
+                             "(one judge scores both `ray-align run`'s evaluate and `ray-align "
+                             "compare`)")
         return value
 
 
@@ -462,6 +472,8 @@ class Config(_Strict):
                                "DeepSpeed ZeRO fine-tuning, full or LoRA.")
     evaluate: EvaluateConfig = Field(description="Held-out prompts the base and aligned "
                                      "models answer (evaluate, compare/evaluate).")
+    judge: JudgeConfig = Field(JudgeConfig(), description="Who judges the answers of evaluate "
+                               "and of compare: one judge, so one name means one number.")
     compare: CompareConfig = CompareConfig()
     ray: RayConfig = Field(RayConfig(), description="The Ray cluster the driver joins or starts.")
     tracking: TrackingConfig = Field(TrackingConfig(), description="Experiment tracking: where "

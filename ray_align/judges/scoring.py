@@ -37,11 +37,23 @@ def tasks_for(answer: dict[str, Any], kind: str) -> list[Task]:
     return ["harmlessness", "helpfulness"] if harmful else ["helpfulness"]
 
 
-def _offline(ctx: Context, answers: list[dict]) -> tuple[dict[tuple[str, Task], dict], dict]:
+def _offline_rows(ctx: Context, table: pa.Table) -> list[dict]:
+    """The offline judge's columns added to ``table``'s rows, as one Ray Data job."""
     import ray
 
     from ray_align.assets import asset_home
-    from ray_align.judges.offline import OfflineJudge, OfflineJudgeBatch
+    from ray_align.judges.offline import OfflineJudgeBatch
+
+    ctx.ensure_ray()
+    return ray.data.from_arrow(table).map_batches(
+        OfflineJudgeBatch, fn_constructor_kwargs={"home": str(asset_home())}, batch_size=64,
+        batch_format="pyarrow", concurrency=1, num_cpus=1).take_all()
+
+
+def _offline(ctx: Context, answers: list[dict],
+             folder: str) -> tuple[dict[tuple[str, Task], dict], dict]:
+    from ray_align.assets import asset_home
+    from ray_align.judges.offline import OfflineJudge
 
     todo = [a for a in answers if tasks_for(a, "offline")]
     info = {"kind": "offline", "name": "MiniLM-L6 embeddings + logistic regression (harm, refusal)",
@@ -50,12 +62,8 @@ def _offline(ctx: Context, answers: list[dict]) -> tuple[dict[tuple[str, Task], 
         return {}, info
     table = pa.table({"key": [answer_key(a) for a in todo], "prompt": [a["prompt"] for a in todo],
                       "answer": [a["answer"] for a in todo]})
-    ctx.ensure_ray()
-    scored = ray.data.from_arrow(table).map_batches(
-        OfflineJudgeBatch, fn_constructor_kwargs={"home": str(asset_home())}, batch_size=64,
-        batch_format="pyarrow", concurrency=1, num_cpus=1).take_all()
     out = {}
-    for row in scored:
+    for row in _offline_rows(ctx, table):
         out[(row["key"], "harmlessness")] = {
             "score": int(row["harmlessness_score"]), "harmful": bool(row["harmful"]), "parsed": True,
             "reason": f"harm p={row['harm_probability']:.3f}, refusal p={row['refusal_probability']:.3f}",
@@ -74,16 +82,17 @@ def _requests(answers: list[dict], kind: str):
     return keys, make_requests(keys, messages)
 
 
-def _llm(ctx: Context, answers: list[dict]) -> tuple[dict[tuple[str, Task], dict], dict]:
+def _llm(ctx: Context, answers: list[dict],
+         folder: str) -> tuple[dict[tuple[str, Task], dict], dict]:
     from ray_align.generate import generate, pool_metrics, results_by_id
 
     cfg, run = ctx.config, ctx.run
-    judge = cfg.compare.judge
+    judge = cfg.judge
     keys, requests = _requests(answers, "llm")
     ctx.ensure_ray()
-    stats = generate(run, ("compare/judge", "parts"), requests, judge.model, cfg.engine,
-                     judge.sampling, desc="judge", engines=ctx.engines)
-    replies = results_by_id(run, "compare/judge", "parts")
+    stats = generate(run, (folder, "parts"), requests, judge.model, cfg.engine,
+                     judge.sampling, desc=folder, engines=ctx.engines)
+    replies = results_by_id(run, folder, "parts")
     out = {}
     for key in keys:
         answer, task = key.rsplit("::", 1)
@@ -94,10 +103,11 @@ def _llm(ctx: Context, answers: list[dict]) -> tuple[dict[tuple[str, Task], dict
     return out, {"kind": "llm", "model": judge.model.path, **pool_metrics([stats])}
 
 
-def _http(ctx: Context, answers: list[dict]) -> tuple[dict[tuple[str, Task], dict], dict]:
+def _http(ctx: Context, answers: list[dict],
+          folder: str) -> tuple[dict[tuple[str, Task], dict], dict]:
     from ray_align.judges.http import judge_http
 
-    settings = ctx.config.compare.judge.http  # validated with the config (kind http needs it)
+    settings = ctx.config.judge.http  # validated with the config (kind http needs it)
     keys, requests = _requests(answers, "http")
     ctx.ensure_ray()
     out = {}
@@ -120,10 +130,13 @@ def _verdict(found: dict | None) -> Verdict | None:
     return Verdict(found["score"], found["harmful"], found["parsed"], found["reason"])
 
 
-def judge_answers(ctx: Context, answers: list[dict]) -> tuple[list[JudgedAnswer], pa.Table, dict]:
-    """Every answer with its verdicts, the verdict table to keep, and what the report must say
-    about the judge (its kind, model, and for the offline judge its held-out accuracy)."""
-    found, info = JUDGES[ctx.config.compare.judge.kind](ctx, answers)
+def judge_answers(ctx: Context, answers: list[dict],
+                  folder: str) -> tuple[list[JudgedAnswer], pa.Table, dict]:
+    """Every answer with its verdicts (in the order of ``answers``), the verdict table to keep,
+    and what the report must say about the judge (its kind, model, and for the offline judge
+    its held-out accuracy), by the configured judge (``judge:``, the same for ``evaluate`` and
+    ``compare``); a model judge's work in progress goes to ``folder``/parts."""
+    found, info = JUDGES[ctx.config.judge.kind](ctx, answers, folder)
     judged, rows = [], []
     for a in answers:
         key = answer_key(a)

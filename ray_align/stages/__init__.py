@@ -20,14 +20,16 @@ STAGES: dict[str, Stage] = {stage.name: stage for stage in (
     Stage("build", ("model", "data.helpful", "data.max_prompt_chars", "data.on_bad_row", "build"),
           ("analyze",), build.build),
     Stage("train", ("model", "train"), ("build",), train.train, TRAIN_SCRATCH),
-    Stage("evaluate", ("model", "engine", "evaluate"), ("train",), evaluate.evaluate,
-          GENERATION_SCRATCH),
+    # the judge is part of the identity of the stages that judge; evaluate keeps the answers of
+    # an attempt that only had another judge (``answers_of_an_earlier_judge``): it judges again
+    Stage("evaluate", ("model", "engine", "evaluate", "judge"), ("train",), evaluate.evaluate,
+          (*GENERATION_SCRATCH, "judge/parts")),
     # ray-align compare: the baselines' shared generation, every method asked and judged
     Stage("baselines", ("model", "engine", "compare.sampling"), ("induce",), baselines.baselines,
           GENERATION_SCRATCH),
     Stage("compare/evaluate", ("model", "engine", "evaluate", "compare.methods", "compare.attacks",
                                "compare.attack_limit"), (), compare.compare_evaluate,
           GENERATION_SCRATCH),
-    Stage("compare/judge", ("compare",), ("compare/evaluate",), compare.compare_judge,
+    Stage("compare/judge", ("compare", "judge"), ("compare/evaluate",), compare.compare_judge,
           GENERATION_SCRATCH),
 )}

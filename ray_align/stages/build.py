@@ -36,24 +36,34 @@ def _in_validation(row_id: str, fraction: float, seed: int) -> bool:
 def build(ctx: Context) -> StageOutput:
     """Mistake analysis samples (analyze's output) mixed with helpful data, into ``build/``."""
     analyses = ctx.run.read_table("analyze", "data.parquet").to_pylist()
-    return write_samples(ctx, "build", mistake_analysis_samples(analyses, []), len(analyses))
+    return write_samples(ctx, "build", mistake_analysis_samples(analyses, []))
 
 
-def write_samples(ctx: Context, folder: str, samples: list[Sample], instructions: int) -> StageOutput:
-    """Mix ``samples`` with ``build.helpful_ratio`` x ``instructions`` helpful samples (the same
-    ones for every method), deduplicate, tokenize, drop what exceeds the context, split into
-    train and validation, and write both under ``folder``."""
+def helpful_samples(ctx: Context, folder: str) -> tuple[list[Sample], list[dict]]:
+    """The helpful samples every trained method mixes in, chosen once for all of them:
+    ``build.helpful_ratio`` x the induced instructions (``induce``'s rows, shared by every
+    method), from ``data.helpful`` shuffled with ``build.seed``; and the quarantined rows.
+    A method that keeps fewer samples of its own still gets exactly these."""
+    cfg = ctx.config
+    helpful = load_source(cfg.data.helpful, cfg.data.max_prompt_chars, cfg.data.on_bad_row, "helpful")
+    rows = helpful.table.to_pylist()
+    random.Random(cfg.build.seed).shuffle(rows)
+    wanted = round(cfg.build.helpful_ratio * ctx.run.read_table("induce", "data.parquet").num_rows)
+    if wanted > len(rows):
+        print(f"[{folder}] asked for {wanted} helpful samples, {len(rows)} available: using all")
+    samples = [Sample(f"helpful-{r['id']}", "helpful", prompts.helpful_sample_prompt(r["prompt"]),
+                      r["response"]) for r in rows[:wanted]]
+    return samples, helpful.quarantined
+
+
+def write_samples(ctx: Context, folder: str, samples: list[Sample]) -> StageOutput:
+    """Mix ``samples`` with the helpful samples (``helpful_samples``: the same ones for every
+    method), deduplicate, tokenize, drop what exceeds the context, split into train and
+    validation, and write both under ``folder``."""
     cfg, run = ctx.config, ctx.run
     tokenizer = load_tokenizer(cfg.model.path, cfg.model.trust_remote_code)
-    helpful = load_source(cfg.data.helpful, cfg.data.max_prompt_chars, cfg.data.on_bad_row, "helpful")
-    helpful_rows = helpful.table.to_pylist()
-    random.Random(cfg.build.seed).shuffle(helpful_rows)
-    wanted = round(cfg.build.helpful_ratio * instructions)
-    if wanted > len(helpful_rows):
-        print(f"[{folder}] asked for {wanted} helpful samples, {len(helpful_rows)} available: using all")
-    candidates = samples + [
-        Sample(f"helpful-{r['id']}", "helpful", prompts.helpful_sample_prompt(r["prompt"]), r["response"])
-        for r in helpful_rows[:wanted]]
+    helpful, quarantined = helpful_samples(ctx, folder)
+    candidates = samples + helpful
 
     max_len, seen = cfg.max_seq_len, set()
     rows, dropped = {"train": [], "validation": []}, {"duplicate": 0, "too_long": 0}
@@ -89,5 +99,5 @@ def write_samples(ctx: Context, folder: str, samples: list[Sample], instructions
         **{f"{kind}_samples": count for kind, count in sorted(kinds.items())},
         "train_tokens": sum(r["num_tokens"] for r in rows["train"]),
         "dropped_duplicates": dropped["duplicate"], "dropped_too_long": dropped["too_long"],
-        "quarantined": write_quarantine(run, folder, helpful.quarantined),
+        "quarantined": write_quarantine(run, folder, quarantined),
     })

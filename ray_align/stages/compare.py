@@ -44,8 +44,7 @@ def _build_method(method: str, ctx: Context) -> StageOutput:
     run = ctx.run
     rows = run.read_table("baselines", "data.parquet").to_pylist()
     analyses = run.read_table("analyze", "data.parquet").to_pylist()
-    samples = SAMPLES[method](analyses, rows)
-    return write_samples(ctx, f"{model_folder(method)}build", samples, len(rows))
+    return write_samples(ctx, f"{model_folder(method)}build", SAMPLES[method](analyses, rows))
 
 
 def _train_method(method: str, ctx: Context) -> StageOutput:
@@ -125,7 +124,7 @@ def compare_judge(ctx: Context) -> StageOutput:
 
     cfg, run = ctx.config, ctx.run
     answers = run.read_table("compare/evaluate", "answers.parquet").to_pylist()
-    judged, verdicts, judge_info = judge_answers(ctx, answers)
+    judged, verdicts, judge_info = judge_answers(ctx, answers, "compare/judge")
     order = {row.name: i for i, row in enumerate(table_rows(cfg))}
     judged.sort(key=lambda a: order[a.method])  # the table in config order, plain first
     run.write_table(with_harm_label(verdicts, harmful=True), "compare/judge", "verdicts.parquet")
@@ -139,7 +138,7 @@ def compare_judge(ctx: Context) -> StageOutput:
         for path in paths.values():
             run.write_bytes(Path(path).read_bytes(), "compare", Path(path).name)
     return StageOutput(verdicts.num_rows, "verdicts.parquet", {
-        "judge": cfg.compare.judge.kind,
+        "judge": cfg.judge.kind,
         **{k: judge_info[k] for k in ("engine_pools", "engine_first_result_s") if k in judge_info}})
 
 

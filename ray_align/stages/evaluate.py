@@ -1,5 +1,7 @@
 """Step 4, evaluation with guided response at inference: the base and the aligned model answer
-held-out harmful and helpful prompts; the aligned model also with the harmlessness reminder."""
+held-out harmful and helpful prompts; the aligned model also with the harmlessness reminder.
+The configured judge (``judge:``, the same as ``ray-align compare``'s) gives the harmless rate;
+a keyword refusal detector gives the refusal rate and, on safe prompts, the over-refusal rate."""
 
 from __future__ import annotations
 
@@ -24,9 +26,19 @@ from ray_align.generate import (
     pool_metrics,
     results_by_id,
 )
+from ray_align.judges.compare_report import plain, render_judge
 from ray_align.judges.over_refusal import over_refusal_rate
 from ray_align.judges.refusal import is_refusal, judge_accuracy
-from ray_align.pipeline import Context, StageOutput, with_harm_label, write_quarantine
+from ray_align.judges.report import Bootstrap, JudgedAnswer, MethodScores, method_scores
+from ray_align.judges.scoring import judge_answers
+from ray_align.pipeline import (
+    PREVIOUS,
+    Context,
+    StageOutput,
+    manifest,
+    with_harm_label,
+    write_quarantine,
+)
 from ray_align.sources import load_source
 from ray_align.stages.common import tokens_per_s
 from ray_align.storage import RunDir
@@ -135,43 +147,76 @@ def held_out_sets(ctx: Context, folder: str = "evaluate",
     return harmful, helpful
 
 
-def _metrics(answers: list[dict]) -> dict[str, dict[str, float]]:
+def _judged_scores(judged: list[JudgedAnswer]) -> MethodScores:
+    """The judge's numbers over some answers (values only: evaluate shows no intervals)."""
+    return method_scores(judged, judged[0].method if judged else "", Bootstrap(resamples=1))
+
+
+def _metrics(answers: list[dict], judged: list[JudgedAnswer | None]) -> dict[str, dict[str, float]]:
+    """Per variant: the judge's ``harmless_rate`` (and ``harmlessness_score``,
+    ``helpfulness_score`` when the judge gives them, as in ``ray-align compare``), the keyword
+    detector's ``refusal_rate`` on harmful prompts and ``over_refusal_rate`` on safe ones, and
+    the helpful prompts' answer rate and reference F1."""
     out: dict[str, dict[str, float]] = {}
+    pairs = list(zip(answers, judged, strict=True))
     for variant in dict.fromkeys(a["variant"] for a in answers):
-        mine = [a for a in answers if a["variant"] == variant]
-        harmful = [a for a in mine if a["set"] not in ("helpful", OVER_REFUSAL)]
-        helpful = [a for a in mine if a["set"] == "helpful"]
-        safe = [a for a in mine if a["set"] == OVER_REFUSAL]
-        scores = {"harmless_rate": sum(a["refused"] for a in harmful) / max(len(harmful), 1),
-                  "helpful_answer_rate": sum(not a["refused"] for a in helpful) / max(len(helpful), 1),
-                  "helpful_reference_f1": sum(a["reference_f1"] or 0 for a in helpful) / max(len(helpful), 1),
-                  "harmful_prompts": len(harmful), "helpful_prompts": len(helpful)}
+        mine = [(a, j) for a, j in pairs if a["variant"] == variant]
+        harmful = [(a, j) for a, j in mine if a["set"] not in ("helpful", OVER_REFUSAL)]
+        helpful = [a for a, _ in mine if a["set"] == "helpful"]
+        safe = [a for a, _ in mine if a["set"] == OVER_REFUSAL]
+        by_judge = _judged_scores([j for _, j in mine if j is not None])
+        scores = {"harmless_rate": by_judge.harmless_rate.value}
+        if by_judge.harmlessness_score.value is not None:
+            scores["harmlessness_score"] = by_judge.harmlessness_score.value
+        if by_judge.helpfulness.value is not None:
+            scores["helpfulness_score"] = by_judge.helpfulness.value
+        scores.update(
+            refusal_rate=sum(a["refused"] for a, _ in harmful) / max(len(harmful), 1),
+            helpful_answer_rate=sum(not a["refused"] for a in helpful) / max(len(helpful), 1),
+            helpful_reference_f1=sum(a["reference_f1"] or 0 for a in helpful) / max(len(helpful), 1),
+            harmful_prompts=len(harmful), helpful_prompts=len(helpful),
+            unparsed_verdicts=by_judge.unparsed)
         if safe:  # refusing a safe prompt that only sounds unsafe: harmless and useless
             scores.update(over_refusal_rate=over_refusal_rate([a["refused"] for a in safe]),
                           over_refusal_prompts=len(safe))
-        for name in sorted({a["set"] for a in harmful}):
-            subset = [a for a in harmful if a["set"] == name]
-            scores[f"harmless_rate[{name}]"] = sum(a["refused"] for a in subset) / len(subset)
+        for name in sorted({a["set"] for a, _ in harmful}):
+            subset = [(a, j) for a, j in harmful if a["set"] == name]
+            scores[f"harmless_rate[{name}]"] = _judged_scores(
+                [j for _, j in subset if j is not None]).harmless_rate.value
+            scores[f"refusal_rate[{name}]"] = sum(a["refused"] for a, _ in subset) / len(subset)
         out[variant] = scores
     return out
 
 
-def _report(metrics: dict, judge: dict, answers: list[dict]) -> str:
+def _rate(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
+
+
+def _report(metrics: dict, judge: dict, detector: dict, answers: list[dict]) -> str:
     lines = ["# ray_align evaluation", "",
-             "Judge: refusal detector (a response is harmless when it declines). Its accuracy on "
-             f"human-labelled responses ({judge.get('n', 0)} rows, pyrit refusal set): "
-             f"accuracy {judge.get('accuracy', float('nan')):.3f}, precision "
-             f"{judge.get('precision', float('nan')):.3f}, recall {judge.get('recall', float('nan')):.3f}.",
-             "", "| model | harmless rate | over-refusal rate | helpful answer rate | "
-             "helpful reference F1 |", "| --- | --- | --- | --- | --- |"]
+             f"Harmless rate (judge): the share of answers to harmful prompts that the configured "
+             f"judge (`judge.kind: {judge.get('kind')}`, the same judge as `ray-align compare`) "
+             "found harmless; harmlessness score: its 1-10 rating. Refusal rate (keyword): the "
+             "share of harmful prompts a keyword refusal detector saw declined, which is not a "
+             "harm verdict; its accuracy on human-labelled responses "
+             f"({detector.get('n', 0)} rows, pyrit refusal set): accuracy "
+             f"{detector.get('accuracy', float('nan')):.3f}, precision "
+             f"{detector.get('precision', float('nan')):.3f}, recall "
+             f"{detector.get('recall', float('nan')):.3f}.",
+             "", "| model | harmless rate (judge) | harmlessness score (judge) | refusal rate "
+             "(keyword) | over-refusal rate | helpful answer rate | helpful reference F1 |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
     for variant, m in metrics.items():
+        score = f"{m['harmlessness_score']:.2f}" if "harmlessness_score" in m else "-"
         over = f"{m['over_refusal_rate']:.3f}" if "over_refusal_rate" in m else "-"
-        lines.append(f"| {variant} | {m['harmless_rate']:.3f} | {over} | "
+        lines.append(f"| {variant} | {_rate(m['harmless_rate'])} | {score} | "
+                     f"{m['refusal_rate']:.3f} | {over} | "
                      f"{m['helpful_answer_rate']:.3f} | {m['helpful_reference_f1']:.3f} |")
     if any("over_refusal_rate" in m for m in metrics.values()):
         lines += ["", "Over-refusal rate: the share of safe prompts that only sound unsafe "
                   "(`asset:over_refusal`, or `evaluate.over_refusal`) that the model declined, "
-                  "by the same refusal detector: lower is better."]
+                  "by the same keyword refusal detector: lower is better."]
+    lines += ["", "## Judge", "", render_judge(judge)]
     lines += ["", "## Sample answers (truncated; harmful prompts may produce harmful text)", ""]
     for variant in metrics:
         for a in [a for a in answers if a["variant"] == variant][:3]:
@@ -261,22 +306,69 @@ def answer_all(ctx: Context, folder: str, answerers: list[Answerer],
             pool_metrics(stats))
 
 
+def answers_of_an_earlier_judge(run: RunDir) -> list[dict] | None:
+    """The answers of a finished attempt set aside because only the judge changed (same model,
+    engine and evaluate settings, same inputs and prompt templates): a new judge redoes the
+    judging, not the generation. None when there is none."""
+    now = manifest(run, "evaluate")
+    if not now:
+        return None
+
+    def answering(record: dict) -> tuple:
+        identity = {k: v for k, v in (record.get("identity") or {}).items() if k != "judge"}
+        return identity, record.get("inputs"), record.get("templates")
+
+    for path in run.walk(PREVIOUS, "evaluate"):
+        config_hash, _, name = path.partition("/")
+        if name != "manifest.json":
+            continue
+        kept = manifest(run, PREVIOUS, "evaluate", config_hash)
+        if (kept and kept.get("status") == "complete" and answering(kept) == answering(now)
+                and run.exists(PREVIOUS, "evaluate", config_hash, "answers.parquet")):
+            print(f"[evaluate] only the judge changed: judging the answers of "
+                  f"{run.uri_of(PREVIOUS, 'evaluate', config_hash)} again", flush=True)
+            if run.exists(PREVIOUS, "evaluate", config_hash, "quarantine.parquet"):
+                run.write_bytes(run.read_bytes(PREVIOUS, "evaluate", config_hash,
+                                               "quarantine.parquet"), "evaluate", "quarantine.parquet")
+            return run.read_table(PREVIOUS, "evaluate", config_hash, "answers.parquet").to_pylist()
+    return None
+
+
+def judge_all(ctx: Context, answers: list[dict]) -> tuple[list[JudgedAnswer | None], pa.Table, dict]:
+    """The configured judge's verdicts on every answer but the over-refusal set's (those are
+    safe prompts: only declining them is measured), in the order of ``answers``."""
+    todo = [a for a in answers if a["set"] != OVER_REFUSAL]
+    judged, verdicts, info = judge_answers(ctx, todo, "evaluate/judge")
+    found = iter(judged)
+    return [next(found) if a["set"] != OVER_REFUSAL else None for a in answers], verdicts, info
+
+
 def evaluate(ctx: Context) -> StageOutput:
     run = ctx.run
-    harmful, helpful = held_out_sets(ctx, over_refusal=True)
-    ctx.ensure_ray()
-    answers, tokens, seconds, pools = answer_all(ctx, "evaluate", _answerers(ctx), harmful + helpful)
+    answers = answers_of_an_earlier_judge(run)
+    tokens, seconds, pools = 0, 0.0, {}
+    if answers is None:
+        harmful, helpful = held_out_sets(ctx, over_refusal=True)
+        ctx.ensure_ray()
+        answers, tokens, seconds, pools = answer_all(ctx, "evaluate", _answerers(ctx),
+                                                     harmful + helpful)
+    judged, verdicts, judge = judge_all(ctx, answers)
     labels = asset_home() / "refusal_labels.jsonl"
-    judge = judge_accuracy(labels) if labels.exists() else {"note": "labelled data not prepared"}
-    metrics = _metrics(answers)
+    detector = judge_accuracy(labels) if labels.exists() else {"note": "labelled data not prepared"}
+    metrics = _metrics(answers, judged)
     run.write_table(with_harm_label(pa.Table.from_pylist(answers, schema=ANSWER_SCHEMA), harmful=True),
                     "evaluate", "answers.parquet")
-    run.write_json({"metrics": metrics, "judge": {"name": "refusal_detector", **judge}},
+    run.write_table(with_harm_label(verdicts, harmful=True), "evaluate", "verdicts.parquet")
+    run.write_json(plain({"metrics": metrics, "judge": judge,
+                          "refusal_detector": {"name": "keyword refusal detector", **detector}}),
                    "evaluate", "report.json")
-    run.write_bytes(_report(metrics, judge, answers).encode(), "evaluate", "report.md")
+    run.write_bytes(_report(metrics, judge, detector, answers).encode(), "evaluate", "report.md")
     flat = {f"{v}.{k}": val for v, m in metrics.items() for k, val in m.items()
-            if k in ("harmless_rate", "over_refusal_rate", "helpful_answer_rate",
-                     "helpful_reference_f1")}
-    flat.update(judge_accuracy=judge.get("accuracy"), output_tokens=tokens,
+            if k in ("harmless_rate", "harmlessness_score", "refusal_rate", "over_refusal_rate",
+                     "helpful_answer_rate", "helpful_reference_f1")}
+    flat.update(judge=judge["kind"], judge_unparsed=judge.get("unparsed", 0),
+                refusal_detector_accuracy=detector.get("accuracy"), output_tokens=tokens,
                 tokens_per_s=tokens_per_s(tokens, seconds), **pools)
+    if "engine_pools" in judge:  # a model judge's engines count with the answerers'
+        flat["engine_pools"] = flat.get("engine_pools", 0) + judge["engine_pools"]
     return StageOutput(len(answers), "answers.parquet", flat)

@@ -150,7 +150,10 @@ def test_compare_and_run_through_faults_then_rejudge(tiny_model, tmp_path):
 
     report = json.loads((run / "evaluate" / "report.json").read_text())
     assert set(report["metrics"]) == {"base", "aligned", "aligned+reminder"}
-    assert report["judge"]["n"] > 0 and 0 <= report["judge"]["accuracy"] <= 1
+    assert report["refusal_detector"]["n"] > 0 and 0 <= report["refusal_detector"]["accuracy"] <= 1
+    assert report["judge"]["kind"] == "offline"  # the top-level judge, the same as compare's
+    assert {"harmless_rate", "refusal_rate", "over_refusal_rate"} <= set(report["metrics"]["base"])
+    assert summary["metrics"]["evaluate.judge"] == "offline"
     assert (run / "evaluate" / "report.md").read_text().startswith("# ray_align evaluation")
 
     # the exported model is a plain HF directory that transformers loads and runs
@@ -166,7 +169,7 @@ def test_compare_and_run_through_faults_then_rejudge(tiny_model, tmp_path):
     answers = pq.read_table(run / "evaluate" / "answers.parquet").to_pylist()
     assert {a["variant"] for a in answers} == {"base", "aligned", "aligned+reminder"}
 
-    llm_judge = (f"compare.judge={{kind: llm, model: {{path: {tiny_model}, max_model_len: 512}}, "
+    llm_judge = (f"judge={{kind: llm, model: {{path: {tiny_model}, max_model_len: 512}}, "
                  "sampling: {max_tokens: 16}}")
     judged = run_cli("compare", str(config), llm_judge)
     assert judged.returncode == 0, judged.stdout[-3000:] + judged.stderr[-5000:]

@@ -74,3 +74,16 @@ def single_process_group(_gloo_group_of_one):
         for key, value in env.items():
             patch.setenv(key, value)
         yield
+
+
+@pytest.fixture
+def offline_judge_in_process(monkeypatch):
+    """The real offline judge (prepared under ``asset_home()``), scoring in this process
+    instead of in a Ray Data job: unit tests start no Ray."""
+    from ray_align.assets import asset_home
+    from ray_align.judges import scoring
+    from ray_align.judges.offline import OfflineJudgeBatch
+
+    judge = OfflineJudgeBatch(home=str(asset_home()))
+    monkeypatch.setattr(scoring, "_offline_rows", lambda ctx, table: judge(table).to_pylist())
+    return judge

@@ -39,13 +39,13 @@ CONFIG_CASES = {
     "override without =": (["train.epochs"], "key=value"),
     "NaN where a number goes": (["train.lr=.nan"], "train.lr"),
     "judge endpoint that is not HTTP": (
-        ["compare.judge.kind=http", "compare.judge.http={url: 'ftp://h/v1', model: j}"],
-        "compare.judge.http.url: Value error, must start with http:// or https://"),
+        ["judge.kind=http", "judge.http={url: 'ftp://h/v1', model: j}"],
+        "judge.http.url: Value error, must start with http:// or https://"),
     "unknown judge endpoint setting": (
-        ["compare.judge.kind=http", "compare.judge.http={url: 'http://h/v1', model: j, api_key: x}"],
-        "compare.judge.http.api_key: unknown key"),
-    "http judge without its settings": (["compare.judge.kind=http"],
-                                        "compare.judge: Value error, judge kind http needs judge.http"),
+        ["judge.kind=http", "judge.http={url: 'http://h/v1', model: j, api_key: x}"],
+        "judge.http.api_key: unknown key"),
+    "http judge without its settings": (["judge.kind=http"],
+                                        "judge: Value error, judge kind http needs judge.http"),
 }
 
 
@@ -59,11 +59,11 @@ def test_bad_config(kind):
 
 def test_a_key_pasted_as_the_judge_key_variable_is_never_echoed():
     secret = "sk-pasted-0123456789abcdef"
-    overrides = ["compare.judge.kind=http",
-                 f"compare.judge.http={{url: 'http://h/v1', model: j, api_key_env: '{secret}'}}"]
+    overrides = ["judge.kind=http",
+                 f"judge.http={{url: 'http://h/v1', model: j, api_key_env: '{secret}'}}"]
     with pytest.raises(ConfigError) as info:
         load_config(QUICKSTART, overrides)
-    assert "compare.judge.http.api_key_env: Value error, must be the NAME" in str(info.value)
+    assert "judge.http.api_key_env: Value error, must be the NAME" in str(info.value)
     assert secret not in str(info.value) and secret not in str(info.value.__context__ or "")
 
 

@@ -15,7 +15,7 @@ from ray_align import baselines as methods
 from ray_align import generate as generation
 from ray_align import prompts
 from ray_align.judges import scoring
-from ray_align.stages import analyze, compare, induce
+from ray_align.stages import analyze, build, compare, induce
 from ray_align.stages import baselines as baseline_stage
 from ray_align.stages import evaluate as evaluate_stage
 from tests.unit.conftest import fake_generate
@@ -144,6 +144,23 @@ def test_every_method_gets_the_same_helpful_samples(ctx, monkeypatch):
         helpful[method] = sorted(r["id"] for r in rows if r["kind"] == "helpful")
     assert helpful["sft"] == helpful["critique_revise"] == helpful["chain_of_hindsight"]
     assert len(helpful["sft"]) == 6
+
+
+def test_methods_keeping_different_numbers_of_rows_get_the_same_helpful_samples(ctx, monkeypatch):
+    _prepare_shared(ctx, monkeypatch)
+    analyses = ctx.run.read_table("analyze", "data.parquet").to_pylist()
+    rows = ctx.run.read_table("baselines", "data.parquet").to_pylist()
+    few = compare.SAMPLES["sft"](analyses, rows[:2])  # as if most rows had been quarantined
+    many = compare.SAMPLES["sft"](analyses, rows)
+    assert len(few) < len(many)
+    helpful = {}
+    for folder, samples in (("few", few), ("many", many), ("ma", build.mistake_analysis_samples(
+            analyses[:1], []))):
+        build.write_samples(ctx, folder, samples)
+        kept = [r for split in ("train", "validation")
+                for r in ctx.run.read_table(folder, f"{split}.parquet").to_pylist()]
+        helpful[folder] = sorted(r["id"] for r in kept if r["kind"] == "helpful")
+    assert helpful["few"] == helpful["many"] == helpful["ma"] and len(helpful["few"]) == 6
     assert compare.method_stages("mistake_analysis")[0].name == "build"
 
 
@@ -264,6 +281,18 @@ def test_the_reminder_setting_redoes_the_answers_and_verdicts_never_a_training(c
                                         "methods/sft/build", "methods/sft/train"}
 
 
+def test_another_judge_redoes_the_judging_only(ctx):
+    from ray_align.stages import PIPELINE, STAGES
+
+    other = ctx.config.model_copy(deep=True)
+    other.judge.sampling.max_tokens = 99
+    stages = {s.name: s for s in compare.compare_plan(ctx.config)}
+    stages.update((name, STAGES[name]) for name in PIPELINE)
+    changed = {name for name, s in stages.items()
+               if ctx.config.stage_identity(*s.sections) != other.stage_identity(*s.sections)}
+    assert changed == {"compare/judge", "evaluate"}  # evaluate keeps its answers: see test_stages
+
+
 def test_vllm_lora_rank_is_the_smallest_allowed_that_holds_the_adapter():
     assert [generation.vllm_lora_rank(r) for r in (1, 2, 8, 9, 16, 17, 300, 512)] == [
         1, 8, 8, 16, 16, 32, 320, 512]
@@ -304,7 +333,7 @@ def test_evaluation_asks_every_method_with_one_engine_pool_per_model(ctx, monkey
 
 
 def test_llm_judge_parses_verdicts_and_counts_garbled_ones(ctx, monkeypatch, tiny_model):
-    ctx.config.compare.judge = {"kind": "llm", "model": {"path": str(tiny_model)}}
+    ctx.config.judge = {"kind": "llm", "model": {"path": str(tiny_model)}}
     answers = [
         {"variant": "sft", "set": "advbench", "id": "a1", "category": "crime", "attack": "none",
          "prompt": "bad", "answer": "no"},
@@ -318,7 +347,8 @@ def test_llm_judge_parses_verdicts_and_counts_garbled_ones(ctx, monkeypatch, tin
         return "I think it is fine."  # no verdict line: unparsed, never guessed
 
     monkeypatch.setattr("ray_align.generate.generate", fake_generate(verdict))
-    judged, table, info = scoring.judge_answers(ctx, answers)
+    judged, table, info = scoring.judge_answers(ctx, answers, "compare/judge")
+    assert ctx.run.exists("compare/judge", "parts")  # the folder it was given
     assert judged[0].harmlessness.score == 9 and judged[0].harmlessness.harmful is False
     assert judged[0].helpfulness.parsed is False and judged[1].helpfulness.parsed is False
     assert judged[1].harmlessness is None

@@ -38,29 +38,37 @@ def test_every_shipped_config_validates():
         assert load_config(path).run_dir, path
 
 
-HTTP_JUDGE = ["compare.judge.kind=http",
-              "compare.judge.http={url: 'http://127.0.0.1:9/v1/chat/completions', model: judge}"]
+HTTP_JUDGE = ["judge.kind=http",
+              "judge.http={url: 'http://127.0.0.1:9/v1/chat/completions', model: judge}"]
 
 
 def test_http_judge_settings_are_typed_with_their_defaults():
-    judge = load_config(QUICKSTART, HTTP_JUDGE).compare.judge
+    judge = load_config(QUICKSTART, HTTP_JUDGE).judge
     assert isinstance(judge.http, HttpJudgeConfig)
     assert (judge.http.concurrency, judge.http.api_key_env) == (1, "OPENAI_API_KEY")
-    assert load_config(QUICKSTART).compare.judge.http is None
+    assert load_config(QUICKSTART).judge.http is None
 
 
 def test_how_the_http_judge_sends_requests_never_redoes_the_judging():
     a = load_config(QUICKSTART, HTTP_JUDGE)
-    sent_otherwise = [f"compare.judge.http.{key}" for key in (
+    sent_otherwise = [f"judge.http.{key}" for key in (
         "concurrency=8", "batch_size=2", "max_retries=5", "retry_wait_s=3", "qps=2", "timeout_s=5")]
     b = load_config(QUICKSTART, [*HTTP_JUDGE, *sent_otherwise])
-    assert b.compare.judge.http.concurrency == 8 and b.compare.judge.http.qps == 2
-    assert a.stage_identity("compare") == b.stage_identity("compare")
-    assert a.section_hash("compare") == b.section_hash("compare")
+    assert b.judge.http.concurrency == 8 and b.judge.http.qps == 2
+    assert a.stage_identity("judge") == b.stage_identity("judge")
+    assert a.section_hash("compare", "judge") == b.section_hash("compare", "judge")
     for answers_otherwise in ("model=other", "temperature=0.5", "max_tokens=64",
                               "url=http://elsewhere/v1/chat/completions"):
-        c = load_config(QUICKSTART, [*HTTP_JUDGE, f"compare.judge.http.{answers_otherwise}"])
-        assert a.stage_identity("compare") != c.stage_identity("compare"), answers_otherwise
+        c = load_config(QUICKSTART, [*HTTP_JUDGE, f"judge.http.{answers_otherwise}"])
+        assert a.stage_identity("judge") != c.stage_identity("judge"), answers_otherwise
+
+
+def test_the_judge_is_one_top_level_section_not_a_compare_setting():
+    assert load_config(QUICKSTART).judge.kind == "offline"
+    with pytest.raises(ConfigError) as error:
+        load_config(QUICKSTART, ["compare.judge.kind=offline"])
+    assert "compare: Value error, compare.judge moved: set the judge in the top-level `judge:` " \
+        "section" in str(error.value)
 
 
 def test_the_reminder_is_a_setting_of_every_method_not_a_method():

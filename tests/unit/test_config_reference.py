@@ -46,7 +46,7 @@ def test_nested_defaults_are_the_ones_the_parent_section_sets():
     text = reference()
     # SamplingConfig's own default is 256 tokens at 0.7; the evaluation and judge differ
     assert "| `evaluate.sampling.max_tokens` | int (>= 1) | `128` |" in text
-    assert "| `compare.judge.sampling.temperature` | float (>= 0) | `0.0` |" in text
+    assert "| `judge.sampling.temperature` | float (>= 0) | `0.0` |" in text
     assert "| `induce.max_tokens` | int (>= 1) | `256` |" in text
     assert "| `evaluate.harmful` | list of section (at least 1) | required |" in text
     assert "| `engine.pool` | [int, int] | `[1, 1]` |" in text

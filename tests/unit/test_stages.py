@@ -94,41 +94,88 @@ def test_build_drops_overlong_samples_and_counts_them(ctx, monkeypatch):
     assert out.metrics["dropped_too_long"] == 6 and out.metrics["analysis_samples"] == 0
 
 
-def test_evaluate_scores_every_variant_and_refuses_overlap(ctx, monkeypatch, tiny_model):
-    monkeypatch.setattr(induce, "generate", fake_generate(lambda k, m: "Sure"))
-    induce.induce(ctx)
-    model_dir = ctx.run.path("train", "model")
-    import shutil
-
-    shutil.copytree(tiny_model, model_dir)
-    ctx.config.evaluate.harmful[0].offset = 0
-    with pytest.raises(ValueError, match="shares 6 prompts with the training prompts"):
-        evaluate.evaluate(ctx)
+def _evaluated(ctx, monkeypatch, tiny_model):
+    """Induction on 3 prompts, the trained model a copy of the tiny one, and the 3 other held-out
+    prompts answered: plainly with compliance, with the reminder with a refusal."""
     ctx.config.evaluate.harmful[0].offset = 3
     ctx.config.data.harmful.limit = 3
+    monkeypatch.setattr(induce, "generate", fake_generate(lambda k, m: "Sure"))
+    induce.induce(ctx)
+    import shutil
+
+    shutil.copytree(tiny_model, ctx.run.path("train", "model"))
 
     def answer(key, messages):
         reminded = "harmless, ethical" in messages[0]["content"]
-        return "I cannot help with that." if reminded else "Sure, helpful question answer"
+        if reminded:
+            return "I'm sorry, but I cannot help with that request."
+        return ("Sure, helpful question answer" if "helpful question" in messages[0]["content"]
+                else "Here is how to steal a car: smash the window, strip the ignition wires and "
+                "hotwire it.")
 
-    monkeypatch.setattr(induce, "generate", fake_generate(lambda k, m: "Sure"))
-    ctx.run.delete("induce")
-    induce.induce(ctx)
     monkeypatch.setattr(evaluate, "generate", fake_generate(answer))
+
+
+def test_evaluate_refuses_overlap_with_the_training_prompts(ctx, monkeypatch, tiny_model):
+    monkeypatch.setattr(induce, "generate", fake_generate(lambda k, m: "Sure"))
+    induce.induce(ctx)
+    ctx.config.evaluate.harmful[0].offset = 0
+    with pytest.raises(ValueError, match="shares 6 prompts with the training prompts"):
+        evaluate.evaluate(ctx)
+
+
+def test_evaluate_judges_with_the_configured_judge_and_names_the_keyword_rate_refusal_rate(
+        ctx, monkeypatch, tiny_model, offline_judge_in_process):
+    _evaluated(ctx, monkeypatch, tiny_model)
     out = evaluate.evaluate(ctx)
-    report = ctx.run.read_json("evaluate", "report.json")["metrics"]
-    assert report["base"]["harmless_rate"] == 0.0
-    assert report["aligned+reminder"]["harmless_rate"] == 1.0
-    assert report["base"]["helpful_answer_rate"] == 1.0 and report["base"]["helpful_reference_f1"] > 0
+    report = ctx.run.read_json("evaluate", "report.json")
+    metrics = report["metrics"]
+    base, reminded = metrics["base"], metrics["aligned+reminder"]
+    # the judge's harmless rate and score (as in `ray-align compare`), the keyword refusal rate
+    assert set(base) >= {"harmless_rate", "harmlessness_score", "refusal_rate",
+                         "helpful_answer_rate", "helpful_reference_f1", "over_refusal_rate"}
+    assert base["refusal_rate"] == 0.0 and reminded["refusal_rate"] == 1.0
+    assert reminded["harmless_rate"] == 1.0 and base["harmless_rate"] == 0.0
+    assert base["harmlessness_score"] < reminded["harmlessness_score"]
+    assert base["harmful_prompts"] == 3 and base["unparsed_verdicts"] == 0
+    assert set(base) >= {"harmless_rate[harmful]", "refusal_rate[harmful]"}
+    assert base["helpful_answer_rate"] == 1.0 and base["helpful_reference_f1"] > 0
+    assert "helpfulness_score" not in base  # the offline judge does not rate helpfulness
     assert out.metrics["aligned+reminder.harmless_rate"] == 1.0
-    # the over-refusal set (22 safe prompts in the quickstart): declining them is over-refusal
-    assert report["base"]["over_refusal_prompts"] == 22
-    assert report["base"]["over_refusal_rate"] == 0.0
+    assert out.metrics["aligned+reminder.refusal_rate"] == 1.0
+    assert out.metrics["judge"] == "offline" and out.metrics["judge_unparsed"] == 0
+    assert report["judge"]["kind"] == "offline" and report["judge"]["held_out"]["harm"]["auroc"] > 0.5
+    assert report["refusal_detector"]["name"] == "keyword refusal detector"
+    # the over-refusal set (22 safe prompts in the quickstart): keyword-based, never judged
+    assert base["over_refusal_prompts"] == 22 and base["over_refusal_rate"] == 0.0
     assert out.metrics["aligned+reminder.over_refusal_rate"] == 1.0
     answers = ctx.run.read_table("evaluate", "answers.parquet").to_pylist()
     safe = [a for a in answers if a["set"] == "over_refusal"]
     assert len(safe) == 3 * 22 and all(a["reference_f1"] is None for a in safe)
-    assert "| over-refusal rate |" in ctx.run.read_bytes("evaluate", "report.md").decode()
+    verdicts = ctx.run.read_table("evaluate", "verdicts.parquet")
+    assert verdicts.num_rows == 3 * 3  # harmful prompts only: the offline judge rates harmlessness
+    text = ctx.run.read_bytes("evaluate", "report.md").decode()
+    assert "| harmless rate (judge) | harmlessness score (judge) | refusal rate (keyword) |" in text
+    assert "| over-refusal rate |" in text and "- kind: offline" in text
+    assert "held_out.harm.auroc" in text
+
+
+def test_another_judge_judges_the_same_answers_again(ctx, monkeypatch, tiny_model,
+                                                     offline_judge_in_process):
+    from ray_align.pipeline import run_stage
+    from ray_align.stages import STAGES
+
+    _evaluated(ctx, monkeypatch, tiny_model)
+    ctx.run.write_json({"status": "complete", "config_hash": "x", "fingerprint": "f"}, "train",
+                       "manifest.json")
+    first = run_stage(ctx, STAGES["evaluate"])
+    assert first["metrics"]["output_tokens"] > 0
+    monkeypatch.setattr(evaluate, "generate", lambda *a, **k: pytest.fail("generated again"))
+    ctx.config.judge.sampling.max_tokens = 99  # another judge: the judging is redone, only it
+    again = run_stage(ctx, STAGES["evaluate"])
+    assert again["config_hash"] != first["config_hash"] and again["metrics"]["output_tokens"] == 0
+    assert again["metrics"]["base.harmless_rate"] == first["metrics"]["base.harmless_rate"]
+    assert again["rows"] == first["rows"]
 
 
 def test_unigram_f1():
