@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -42,3 +44,17 @@ def nothing_left_behind(gcs: str, env: dict, timeout: float = 90) -> None:
     while (left := left_behind(gcs, env)) and time.time() < deadline:
         time.sleep(2)
     assert not left, f"left on the cluster after the driver ended: {left}"
+
+
+def stop_nodes(nodes: list[subprocess.Popen], grace_s: float = 10) -> None:
+    """Stop the ``ray start --block`` process groups a test started: SIGTERM, then SIGKILL for
+    any still up after ``grace_s`` (the cluster is thrown away; a long grace only costs CI)."""
+    for node in reversed(nodes):
+        if node.poll() is None:
+            os.killpg(node.pid, signal.SIGTERM)
+    for node in reversed(nodes):
+        try:
+            node.wait(timeout=grace_s)
+        except subprocess.TimeoutExpired:
+            os.killpg(node.pid, signal.SIGKILL)
+            node.wait()

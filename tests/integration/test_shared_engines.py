@@ -16,7 +16,7 @@ import threading
 import pytest
 
 from tests.conftest import REPO, ray_align_env, tiny_config
-from tests.integration.cluster_state import RAY, listed, nothing_left_behind
+from tests.integration.cluster_state import RAY, listed, nothing_left_behind, stop_nodes
 from tests.integration.test_two_node_job import free_port, wait_for
 
 pytestmark = pytest.mark.integration
@@ -36,12 +36,7 @@ def head_node():
         wait_for(lambda: listed(address, env, "nodes") is not None, 120, "the head node")
         yield address, env
     finally:
-        if head.poll() is None:
-            os.killpg(head.pid, signal.SIGTERM)
-        try:
-            head.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(head.pid, signal.SIGKILL)
+        stop_nodes([head])
 
 
 def test_ctrl_c_during_a_shared_pool_stage_leaves_nothing_on_the_cluster(head_node, tiny_model,

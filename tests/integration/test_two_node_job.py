@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import secrets
-import signal
 import socket
 import subprocess
 import sys
@@ -18,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import REPO, ray_align_env, tiny_config
-from tests.integration.cluster_state import RAY, nothing_left_behind
+from tests.integration.cluster_state import RAY, nothing_left_behind, stop_nodes
 
 pytestmark = pytest.mark.integration
 
@@ -71,14 +70,7 @@ def two_node_cluster():
         print(f"cluster up: 2 nodes, job server {address}")
         yield address, env, f"127.0.0.1:{gcs}"
     finally:
-        for process in reversed(started):
-            if process.poll() is None:
-                os.killpg(process.pid, signal.SIGTERM)
-        for process in reversed(started):
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
+        stop_nodes(started)
 
 
 def test_pipeline_submitted_with_ray_job_submit(two_node_cluster, tiny_model, tmp_path):
