@@ -47,7 +47,7 @@ def _offline_rows(ctx: Context, table: pa.Table) -> list[dict]:
     ctx.ensure_ray()
     return ray.data.from_arrow(table).map_batches(
         OfflineJudgeBatch, fn_constructor_kwargs={"home": str(asset_home())}, batch_size=64,
-        batch_format="pyarrow", concurrency=1, num_cpus=1).take_all()
+        batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=1), num_cpus=1).take_all()
 
 
 def _offline(ctx: Context, answers: list[dict],
