@@ -59,15 +59,10 @@ def app_name(fields: dict[str, Any]) -> str:
 
 def completion_request(row: dict, sampling: SamplingConfig) -> dict[str, Any]:
     """One row as an OpenAI completions request on token ids, with the stage's sampling."""
-    from ray_align.generate import request_seed
+    from ray_align.generate import sampling_params
 
-    kwargs: dict[str, Any] = {
-        "model": MODEL_ID, "prompt": [int(t) for t in row["prompt_ids"]], "stream": False,
-        "max_tokens": sampling.max_tokens, "temperature": sampling.temperature,
-        "top_p": sampling.top_p, "repetition_penalty": sampling.repetition_penalty,
-        "ignore_eos": sampling.ignore_eos}
-    if sampling.seed is not None:
-        kwargs["seed"] = request_seed(sampling.seed, row["key"])
+    kwargs = {"model": MODEL_ID, "prompt": [int(t) for t in row["prompt_ids"]], "stream": False,
+              **sampling_params(sampling, row["key"])}
     return {"key": row["key"], "method": "completions", "dtype": "CompletionRequest",
             "request_kwargs": kwargs}
 

