@@ -24,6 +24,8 @@ from pydantic import (
 )
 from pydantic_core import to_jsonable_python
 
+from ray_align.methods import METHOD_NAMES, METHODS, REMINDER_SUFFIX
+
 
 class ConfigError(ValueError):
     """A configuration problem a user must fix; the message names the key."""
@@ -247,9 +249,7 @@ class EvaluateConfig(_Strict):
                                      description="Sampling of the answers that are scored.")
 
 
-MethodName = Literal["vanilla", "sft", "critique_revise", "chain_of_hindsight", "mistake_analysis"]
-METHODS: tuple[str, ...] = MethodName.__args__  # the paper's table, in its order
-REMINDER_SUFFIX = "+reminder"  # a row's name when its method is asked with the reminder
+MethodName = Literal[METHOD_NAMES]  # ray_align.methods: each method defined once
 AttackName = Literal["goal_hijacking", "role_play", "reverse_exposure"]
 
 
@@ -321,13 +321,24 @@ class JudgeConfig(_Strict):
         return self
 
 
+class DpoConfig(_Strict):
+    beta: float = Field(
+        0.1, gt=0, description="Strength of the pull toward the reference (the base model): "
+        "higher keeps the trained model closer to it.")
+    sft_weight: float = Field(
+        1.0, ge=0, description="Weight of the helpful samples' language-model loss beside the "
+        "pairs' DPO loss (each micro-batch's mean over its rows).")
+
+
 class CompareConfig(_Strict):
     """``ray-align compare``: the paper's baselines on the same data and training budget."""
 
     model_config = _SECRET_SAFE
 
-    methods: list[MethodName] = Field(default_factory=lambda: list(METHODS), min_length=1,
-                                      description="Methods compared, from the paper's table.")
+    methods: list[MethodName] = Field(
+        default_factory=lambda: list(METHOD_NAMES), min_length=1,
+        description="Methods compared: " + "; ".join(f"{m.name}: {m.summary}"
+                                                     for m in METHODS.values()) + ".")
     reminder: Literal["both", "plain", "reminder"] = Field(
         "both", description="How every method, vanilla included, is asked: plainly (row METHOD), "
         "with the harmlessness reminder (row METHOD+reminder) or both; the same trained model "
@@ -335,6 +346,7 @@ class CompareConfig(_Strict):
     sampling: SamplingConfig = Field(
         SamplingConfig(max_tokens=128, temperature=0.7),
         description="Generation of the baselines' data: harmless answers, critiques, revisions.")
+    dpo: DpoConfig = Field(DpoConfig(), description="The dpo method's loss.")
     attacks: list[AttackName] = Field(
         default_factory=lambda: ["goal_hijacking", "role_play"],
         description="Instruction attacks wrapped around the first held-out harmful set.")
@@ -348,7 +360,7 @@ class CompareConfig(_Strict):
         names = [name for name in value if isinstance(name, str)] if isinstance(value, list) else []
         for name in names:
             method = name.removesuffix(REMINDER_SUFFIX)
-            if method != name and method in METHODS:
+            if method != name and method in METHOD_NAMES:
                 raise ValueError(
                     f"{name!r} is a row of the table, not a method: list {method} and set "
                     f"compare.reminder (both, the default, asks every method plainly and with the "

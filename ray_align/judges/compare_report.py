@@ -23,8 +23,6 @@ from typing import Any, Literal
 
 import numpy as np
 
-from ray_align.baselines import variant_name
-from ray_align.config import REMINDER_SUFFIX
 from ray_align.judges.report import (
     Bootstrap,
     Estimate,
@@ -42,6 +40,7 @@ from ray_align.judges.report import (
     truncate,
 )
 from ray_align.judges.verdicts import Verdict
+from ray_align.methods import REMINDER_SUFFIX, variant_name
 
 DEFAULT_TITLE = "Mistake analysis: comparison of methods"
 RESPONSE_CHARS = 160  # sample answers may be harmful: never spread them whole

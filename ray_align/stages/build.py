@@ -12,7 +12,7 @@ from collections import Counter
 import pyarrow as pa
 
 from ray_align import prompts
-from ray_align.baselines import Sample, mistake_analysis_samples
+from ray_align.methods import Sample, mistake_analysis_samples
 from ray_align.pipeline import Context, StageOutput, with_harm_label, write_quarantine
 from ray_align.sources import load_source
 from ray_align.tokenization import encode_sample, load_tokenizer
@@ -25,6 +25,9 @@ SAMPLE_SCHEMA = pa.schema([
     pa.field("input_ids", pa.list_(pa.int32()), nullable=False),
     pa.field("prompt_len", pa.int32(), nullable=False),
     pa.field("num_tokens", pa.int32(), nullable=False),
+    # a preference pair's rejected answer after the same prompt (empty for every other sample)
+    pa.field("rejected", pa.string(), nullable=False),
+    pa.field("rejected_ids", pa.list_(pa.int32()), nullable=False),
 ])
 
 
@@ -67,20 +70,23 @@ def write_samples(ctx: Context, folder: str, samples: list[Sample]) -> StageOutp
 
     max_len, seen = cfg.max_seq_len, set()
     rows, dropped = {"train": [], "validation": []}, {"duplicate": 0, "too_long": 0}
-    for sample_id, kind, messages, target in candidates:
-        text_key = json.dumps([messages, target])
+    for sample_id, kind, messages, target, rejected in candidates:
+        text_key = json.dumps([messages, target, rejected])
         if text_key in seen:
             dropped["duplicate"] += 1
             continue
         seen.add(text_key)
         ids, prompt_len = encode_sample(tokenizer, messages, target)
-        if len(ids) > max_len:
+        # the same prompt, so the same prompt tokens: only the answers differ
+        rejected_ids = encode_sample(tokenizer, messages, rejected)[0] if rejected is not None else []
+        if max(len(ids), len(rejected_ids)) > max_len:
             dropped["too_long"] += 1
             continue
         split = "validation" if _in_validation(sample_id, cfg.build.val_fraction, cfg.build.seed) else "train"
         rows[split].append({"id": sample_id, "kind": kind, "messages": json.dumps(messages),
                             "target": target, "input_ids": ids, "prompt_len": prompt_len,
-                            "num_tokens": len(ids)})
+                            "num_tokens": len(ids) + len(rejected_ids),
+                            "rejected": rejected or "", "rejected_ids": rejected_ids})
     if not rows["train"]:
         raise RuntimeError(f"{folder}: no training samples left after deduplication and length filter")
     # Mixed order: each training worker reads a contiguous share, which must hold both kinds

@@ -20,8 +20,8 @@ from pathlib import Path
 import pyarrow as pa
 
 from ray_align import prompts
-from ray_align.baselines import SAMPLES, Variant, inference_prompt, trained_model_of, variants
 from ray_align.config import Config
+from ray_align.methods import METHODS, Variant, method, variants
 from ray_align.pipeline import Context, Stage, StageOutput, manifest, run_stage, with_harm_label
 from ray_align.stages.build import write_samples
 from ray_align.stages.common import tokens_per_s
@@ -35,43 +35,48 @@ from ray_align.stages.evaluate import (
 from ray_align.stages.train import total_steps, train_model
 
 
-def model_folder(method: str) -> str:
+def model_folder(name: str) -> str:
     """Where a trained method's stages write (mistake analysis: the pipeline's own folders)."""
-    return "" if method == "mistake_analysis" else f"methods/{method}/"
+    return method(name).folder
 
 
-def _build_method(method: str, ctx: Context) -> StageOutput:
+def _build_method(name: str, ctx: Context) -> StageOutput:
     run = ctx.run
     rows = run.read_table("baselines", "data.parquet").to_pylist()
     analyses = run.read_table("analyze", "data.parquet").to_pylist()
-    return write_samples(ctx, f"{model_folder(method)}build", SAMPLES[method](analyses, rows))
+    trained = method(name)
+    return write_samples(ctx, f"{trained.folder}build", trained.samples(analyses, rows))
 
 
-def _train_method(method: str, ctx: Context) -> StageOutput:
-    folder = model_folder(method)
-    return train_model(ctx, f"{folder}build", f"{folder}train")
+def _train_method(name: str, ctx: Context) -> StageOutput:
+    trained = method(name)
+    return train_model(ctx, f"{trained.folder}build", f"{trained.folder}train",
+                       objective=trained.objective)
 
 
 def trained_methods(cfg: Config) -> list[str]:
-    """The methods that need a fine-tuned model, each once; mistake analysis first (it sets the
-    training budget), then in the table's order."""
-    found = dict.fromkeys(m for m in map(trained_model_of, cfg.compare.methods) if m)
-    return sorted(found, key=lambda m: m != "mistake_analysis")
+    """The methods that need a fine-tuned model; mistake analysis first (it sets the training
+    budget), then in the table's order."""
+    found = [name for name in cfg.compare.methods if METHODS[name].trained]
+    return sorted(found, key=lambda name: name != "mistake_analysis")
 
 
-def method_stages(method: str) -> tuple[Stage, Stage]:
+def method_stages(name: str) -> tuple[Stage, Stage]:
     """A trained method's build and train: the pipeline's own for mistake analysis, the same
-    stages in ``methods/NAME/`` on the baselines' samples for the others."""
+    stages in ``methods/NAME/`` on the baselines' samples for the others (a DPO method's train
+    stage also depends on ``compare.dpo``)."""
     from ray_align.stages import STAGES
 
     build, train = STAGES["build"], STAGES["train"]
-    if method == "mistake_analysis":
+    if name == "mistake_analysis":
         return build, train
-    folder = model_folder(method)
+    trained = method(name)
+    folder = trained.folder
+    sections = (*train.sections, "compare.dpo") if trained.objective == "dpo" else train.sections
     return (dataclasses.replace(build, name=f"{folder}build", inputs=("analyze", "baselines"),
-                                compute=functools.partial(_build_method, method)),
+                                compute=functools.partial(_build_method, name)),
             dataclasses.replace(train, name=f"{folder}train", inputs=(f"{folder}build",),
-                                compute=functools.partial(_train_method, method)))
+                                sections=sections, compute=functools.partial(_train_method, name)))
 
 
 def attack_items(harmful: list[dict], attacks: list[str], limit: int) -> list[dict]:
@@ -104,11 +109,10 @@ def method_answerers(ctx: Context) -> list[Answerer]:
     cfg = ctx.config
     answerers = []
     for row in table_rows(cfg):
-        trained = trained_model_of(row.method)
-        ask = functools.partial(inference_prompt, row.method, reminder=row.reminder)
-        answerers.append(Answerer(row.name, ask, cfg.model, "vanilla") if trained is None
-                         else trained_answerer(ctx, row.name, ask, f"{model_folder(trained)}train",
-                                               trained))
+        asked = method(row.method)
+        ask = functools.partial(asked.ask, reminder=row.reminder)
+        answerers.append(trained_answerer(ctx, row.name, ask, f"{asked.folder}train", asked.name)
+                         if asked.trained else Answerer(row.name, ask, cfg.model, "vanilla"))
     return answerers
 
 

@@ -13,6 +13,7 @@ from ray_align.pipeline import Context, StageOutput, manifest
 from ray_align.tracking import tracker_spec
 
 TRAIN_COLUMNS = ["input_ids", "prompt_len"]
+PAIR_COLUMNS = [*TRAIN_COLUMNS, "rejected_ids"]  # a preference objective's rows
 
 
 def check_resources(train_cfg, available: dict[str, float]) -> None:
@@ -71,11 +72,11 @@ def ordered_dataset_config():
     return DataConfig(execution_options=options)
 
 
-def read_ordered(uri: str):
+def read_ordered(uri: str, columns: list[str]):
     """A build split's token ids, materialized in file order (the order resuming relies on)."""
     import ray.data
 
-    dataset = ray.data.read_parquet(uri, columns=TRAIN_COLUMNS)
+    dataset = ray.data.read_parquet(uri, columns=columns)
     dataset.context.execution_options.preserve_order = True  # this dataset's own context copy
     return dataset.materialize()
 
@@ -108,9 +109,37 @@ def train(ctx: Context) -> StageOutput:
     return train_model(ctx, "build", "train")
 
 
-def train_model(ctx: Context, build_folder: str, folder: str) -> StageOutput:
+def with_reference_logps(dataset, cfg):
+    """DPO with full fine-tuning: each pair's log-probabilities under the base model, computed
+    once before training (one actor holding the base model, on a GPU when training uses them;
+    the CPUs are free then, the training workers have not started)."""
+    from ray.data import ActorPoolStrategy
+
+    from ray_align.tokenization import load_tokenizer, pad_token_id
+    from ray_align.training.preference import ReferenceScorer
+
+    dtype = "bfloat16" if cfg.train.precision == "bf16" else "float32"
+    pad_id = pad_token_id(load_tokenizer(cfg.model.path, cfg.model.trust_remote_code))
+    return dataset.map_batches(
+        ReferenceScorer, batch_format="numpy", batch_size=64, compute=ActorPoolStrategy(size=1),
+        num_gpus=1 if cfg.train.use_gpu else 0, num_cpus=cfg.train.cpus_per_worker,
+        fn_constructor_kwargs={"model_path": cfg.model.path, "dtype": dtype,
+                               "pad_id": pad_id, "batch_rows": cfg.train.micro_batch_size,
+                               "trust_remote_code": cfg.model.trust_remote_code,
+                               "device": "cuda" if cfg.train.use_gpu else "cpu"}).materialize()
+
+
+def objective_spec(cfg, objective: str) -> dict | None:
+    """What the training workers need of the objective (None: the language-model loss)."""
+    if objective == "sft":
+        return None
+    return {"kind": objective, **cfg.compare.dpo.model_dump(mode="json")}
+
+
+def train_model(ctx: Context, build_folder: str, folder: str, objective: str = "sft") -> StageOutput:
     """Fine-tune on ``build_folder``'s samples; export the model to ``folder/model`` (the
-    baselines of ``ray-align compare`` train the same way, each into its own folder)."""
+    baselines of ``ray-align compare`` train the same way, each into its own folder).
+    ``objective`` ``dpo`` trains on the build's preference pairs (padded, never packed)."""
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -119,13 +148,18 @@ def train_model(ctx: Context, build_folder: str, folder: str) -> StageOutput:
     from ray_align.training.ray_worker import train_loop_per_worker
 
     cfg, run = ctx.config, ctx.run
+    if objective != "sft":  # pairs are laid out padded, chosen beside rejected
+        cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"packing": False})})
     ctx.ensure_ray()
     ctx.release_engines(for_training=True)
     check_resources(cfg.train, ray.cluster_resources())
     # Token ids are small: read them before the workers take the CPUs, so feeding the workers
     # needs no further tasks (a read waiting for a CPU the workers hold would wait forever).
-    data = {split: read_ordered(run.uri_of(build_folder, f"{split}.parquet"))
+    columns = TRAIN_COLUMNS if objective == "sft" else PAIR_COLUMNS
+    data = {split: read_ordered(run.uri_of(build_folder, f"{split}.parquet"), columns)
             for split in ("train", "validation")}
+    if objective != "sft" and cfg.train.lora is None:  # LoRA: the adapter-disabled model
+        data = {split: with_reference_logps(dataset, cfg) for split, dataset in data.items()}
     train_rows = data["train"].count()
     if train_rows < cfg.train.num_workers:
         raise ValueError(f"{folder}: {train_rows} training rows for {cfg.train.num_workers} workers")
@@ -140,6 +174,7 @@ def train_model(ctx: Context, build_folder: str, folder: str) -> StageOutput:
                            "model": cfg.model.model_dump(mode="json"),
                            "run_dir": run.uri, "folder": folder, "train_rows": train_rows,
                            "max_seq_len": cfg.max_seq_len,
+                           "objective": objective_spec(cfg, objective),
                            "progress": progress.handle,
                            "tracking": tracker_spec(cfg, run, folder, attempt)},
         scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu,

@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import numpy as np
@@ -111,7 +111,7 @@ def collate_packed(bins: list[list[tuple[Any, int]]], pad_id: int,
             "use_cache": False, "sample_lengths": torch.tensor(lengths)}
 
 
-NOT_MODEL_INPUTS = frozenset({"sample_lengths"})
+NOT_MODEL_INPUTS = frozenset({"sample_lengths", "chosen_rows", "rejected_rows", "sft_rows", "reference"})
 
 
 def model_inputs(batch: dict[str, Any], device: torch.device | str | None = None) -> dict[str, Any]:
@@ -162,8 +162,8 @@ def micro_batches(
     """
     rng = np.random.default_rng(seed)
     for batch in batches:
-        rows = list(zip(batch["input_ids"], batch["prompt_len"], strict=True))
-        if pack_len is not None:
+        rows, make = _rows_of(batch)
+        if pack_len is not None and make is collate:
             bins = pack_rows(rows, pack_len)
             step = size or len(bins)
             chunks = [bins[i : i + step] for i in range(0, len(bins), step)]
@@ -171,12 +171,26 @@ def micro_batches(
                 yield collate_packed(chunks[index], pad_id, flat)
             continue
         if size is None:
-            yield collate(rows, pad_id)
+            yield make(rows, pad_id)
             continue
         rows.sort(key=lambda row: len(row[0]))
         chunks = [rows[i : i + size] for i in range(0, len(rows), size)]
         for index in rng.permutation(len(chunks)):
-            yield collate(chunks[index], pad_id)
+            yield make(chunks[index], pad_id)
+
+
+def _rows_of(batch: dict[str, Any]) -> tuple[list[tuple], Callable[..., dict[str, Any]]]:
+    """A column batch's rows and how a micro-batch of them is laid out: (ids, prompt_len)
+    padded; with ``rejected_ids``, preference pairs (``preference.collate_pairs``: padded,
+    never packed)."""
+    if "rejected_ids" not in batch:
+        return list(zip(batch["input_ids"], batch["prompt_len"], strict=True)), collate
+    from ray_align.training.preference import collate_pairs
+
+    references = (zip(batch["ref_chosen"], batch["ref_rejected"], strict=True) if "ref_chosen" in batch
+                  else [None] * len(batch["input_ids"]))
+    return (list(zip(batch["input_ids"], batch["prompt_len"], batch["rejected_ids"], references,
+                     strict=True)), collate_pairs)
 
 
 def load_model(
@@ -240,16 +254,24 @@ def full_state_dict(engine, zero_stage: int, rank: int) -> dict[str, torch.Tenso
     return engine.module.state_dict() if rank == 0 else None
 
 
-def train_step(engine, batch: dict[str, Any]) -> tuple[float, int]:
+def batch_loss(model, batch: dict[str, Any], device, objective=None) -> tuple[torch.Tensor, int]:
+    """A micro-batch's loss and its weight: the language-model loss (mean per target token) and
+    its target tokens, or ``objective``'s (``preference.DpoObjective``: rows)."""
+    if objective is not None:
+        return objective.loss(model, batch, device)
+    inputs = model_inputs(batch, device)
+    return model(**inputs).loss, int((inputs["labels"][:, 1:] != IGNORE_INDEX).sum())
+
+
+def train_step(engine, batch: dict[str, Any], objective=None) -> tuple[float, int]:
     """One micro-batch through a DeepSpeed engine: forward, backward, step (it accumulates).
 
-    Returns the loss and the number of target tokens it was computed on.
+    Returns the loss and its weight (target tokens; rows for a preference objective).
     """
-    batch = model_inputs(batch, engine.device)
-    loss = engine(**batch).loss
+    loss, weight = batch_loss(engine, batch, engine.device, objective)
     engine.backward(loss)
     engine.step()
-    return float(loss.detach()), int((batch["labels"] != IGNORE_INDEX).sum())
+    return float(loss.detach()), weight
 
 
 def step_loss(micro: list[tuple[float, int]]) -> float:
@@ -346,17 +368,17 @@ class StepMeter:
 
 
 @torch.no_grad()
-def eval_loss(model, batches: Iterable[dict[str, Any]], device) -> tuple[float, int]:
-    """Token-weighted mean loss over batches, and the token count."""
-    total, tokens = 0.0, 0
+def eval_loss(model, batches: Iterable[dict[str, Any]], device, objective=None) -> tuple[float, int]:
+    """Weighted mean loss over batches (per target token; per row for a preference
+    objective), and the total weight."""
+    total, weight = 0.0, 0
     model.eval()
     for batch in batches:
-        batch = model_inputs(batch, device)
-        n = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
-        total += float(model(**batch).loss) * n
-        tokens += n
+        loss, n = batch_loss(model, batch, device, objective)
+        total += float(loss) * n
+        weight += n
     model.train()
-    return weighted_mean(total, tokens), tokens
+    return weighted_mean(total, weight), weight
 
 
 # --- Export: a servable Hugging Face directory from the trained weights -------------------------

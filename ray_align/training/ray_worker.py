@@ -44,6 +44,7 @@ from ray_align.training.core import (
     uses_varlen_attention,
     while_every_rank_has_one,
 )
+from ray_align.training.preference import objective_from
 
 PROGRESS_FILE = "progress.json"
 LENGTH_GROUP_WINDOW = 16  # micro-batches sorted together by length (less padding)
@@ -137,6 +138,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     model = load_model(model_cfg.path, dtype=dtype, trust_remote_code=model_cfg.trust_remote_code,
                        lora=train.lora, gradient_checkpointing=train.gradient_checkpointing)
     engine = deepspeed_engine(model, train, world)
+    objective = objective_from(loop_config.get("objective"))  # None: the language-model loss
     # packing: sequences of up to the build's max_seq_len, laid out flat for flash-attention
     pack_len = loop_config["max_seq_len"] if train.packing else None
     flat = uses_varlen_attention(model)
@@ -178,7 +180,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 if max_micro is not None and micro_done >= max_micro:
                     break
                 real = real_tokens(batch)
-                meter.add(train_step(engine, batch), real)
+                meter.add(train_step(engine, batch, objective), real)
                 tokens += real
                 micro_done += 1
                 if micro_done % train.grad_accum:
@@ -208,7 +210,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 val_shard.iter_batches(batch_size=train.micro_batch_size, batch_format="numpy"),
                 pad_id)
             # each rank evaluates its own shard of the validation set
-            val_loss, _ = mean_over_ranks(*eval_loss(engine, val_batches, engine.device),
+            val_loss, _ = mean_over_ranks(*eval_loss(engine, val_batches, engine.device, objective),
                                           engine.device)
             finished = epoch + 1 == train.epochs or (max_micro is not None and micro_done >= max_micro)
             everyone = _sum_over_ranks(tokens, engine.device)

@@ -26,14 +26,14 @@ from tests.integration.test_resume import kill_group
 pytestmark = pytest.mark.integration
 
 
-# Every kind of method, each once: the untrained model, a baseline trained on the shared
-# generation's second round (critiques, then revisions), mistake analysis; each asked plainly and
-# with the reminder (compare.reminder: both). sft and chain_of_hindsight differ from
-# critique_revise only in which samples they train on (tests/unit/test_compare.py); each extra
-# model costs CI a training and an engine.
-METHODS = ["vanilla", "critique_revise", "mistake_analysis"]
+# Every kind of method, each once: the untrained model, the preference baseline (DPO, full
+# fine-tuning here: its reference log-probabilities computed by a Ray Data actor before
+# training), mistake analysis; each asked plainly and with the reminder (compare.reminder: both).
+# The SFT-style baselines differ from mistake analysis only in which samples they train on
+# (tests/unit/test_compare.py); each extra model costs CI a training and an engine.
+METHODS = ["vanilla", "dpo", "mistake_analysis"]
 ROWS = [method + reminded for method in METHODS for reminded in ("", "+reminder")]
-TRAINED = ["critique_revise", "mistake_analysis"]
+TRAINED = ["dpo", "mistake_analysis"]
 
 PLANTED = {"HF_TOKEN": "hf_plantedSecretTokenValue0123456789",
            "AWS_SECRET_ACCESS_KEY": "plantedAwsSecretKeyValue/0123456789abcdef"}
@@ -188,13 +188,16 @@ def check_comparison(run, stdout: str) -> None:
     asked the same prompts (plain, attacked, helpful), judged offline, and reported."""
     baselines = pq.read_table(run / "baselines" / "data.parquet").to_pylist()
     assert baselines and all(r["revision"] and r["harmless_response"] for r in baselines)
-    kinds = {"critique_revise": {"revision"}}
+    kinds = {"dpo": {"pair"}}
     steps = {"mistake_analysis": json.loads((run / "train" / "manifest.json").read_text())[
         "metrics"]["global_step"]}
     for method, expected in kinds.items():
         folder = run / "methods" / method
         train = pq.read_table(folder / "build" / "train.parquet")
         assert set(train.column("kind").to_pylist()) - {"helpful"} <= expected
+        pairs = [r for r in train.to_pylist() if r["kind"] == "pair"]
+        assert pairs and all(r["rejected_ids"][: r["prompt_len"]] == r["input_ids"][: r["prompt_len"]]
+                             for r in pairs)
         assert (folder / "train" / "model" / "config.json").exists()
         steps[method] = json.loads((folder / "train" / "manifest.json").read_text())[
             "metrics"]["global_step"]

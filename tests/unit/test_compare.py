@@ -11,9 +11,8 @@ import numpy as np
 import pytest
 from safetensors.numpy import load, save
 
-from ray_align import baselines as methods
 from ray_align import generate as generation
-from ray_align import prompts
+from ray_align import methods, prompts
 from ray_align.judges import scoring
 from ray_align.stages import analyze, build, compare, induce
 from ray_align.stages import baselines as baseline_stage
@@ -58,7 +57,7 @@ def test_chain_of_hindsight_pairs_feedback_phrases_with_good_and_bad_answers():
 
 def test_each_method_is_asked_as_it_was_trained_plainly_or_with_the_reminder():
     assert prompts.HINDSIGHT_GOOD in methods.inference_prompt("chain_of_hindsight", "q")[0]["content"]
-    for plain in ("vanilla", "sft", "critique_revise", "mistake_analysis"):
+    for plain in ("vanilla", "sft", "critique_revise", "dpo", "mistake_analysis"):
         assert methods.inference_prompt(plain, "q") == [{"role": "user", "content": "q"}]
         assert methods.inference_prompt(plain, "q", reminder=True) == prompts.evaluate_prompt("q", True)
     # Chain of Hindsight: the reminder joins the instruction, the good phrase stays last
@@ -66,8 +65,7 @@ def test_each_method_is_asked_as_it_was_trained_plainly_or_with_the_reminder():
     reminded = prompts.evaluate_prompt("q", True)[0]["content"]
     assert hindsight["content"] == prompts.hindsight(reminded, good=True)[0]["content"]
     assert hindsight["content"].endswith(f"({prompts.HINDSIGHT_GOOD})")
-    assert methods.trained_model_of("vanilla") is None
-    assert methods.trained_model_of("mistake_analysis") == "mistake_analysis"
+    assert not methods.METHODS["vanilla"].trained and methods.METHODS["mistake_analysis"].trained
 
 
 @pytest.mark.parametrize(("reminder", "rows"), [
@@ -150,8 +148,8 @@ def test_methods_keeping_different_numbers_of_rows_get_the_same_helpful_samples(
     _prepare_shared(ctx, monkeypatch)
     analyses = ctx.run.read_table("analyze", "data.parquet").to_pylist()
     rows = ctx.run.read_table("baselines", "data.parquet").to_pylist()
-    few = compare.SAMPLES["sft"](analyses, rows[:2])  # as if most rows had been quarantined
-    many = compare.SAMPLES["sft"](analyses, rows)
+    few = methods.METHODS["sft"].samples(analyses, rows[:2])  # as if most rows had been quarantined
+    many = methods.METHODS["sft"].samples(analyses, rows)
     assert len(few) < len(many)
     helpful = {}
     for folder, samples in (("few", few), ("many", many), ("ma", build.mistake_analysis_samples(
@@ -182,7 +180,8 @@ def test_baselines_train_for_the_same_number_of_steps(ctx):
     assert (packed.max_steps, packed.epochs) == (7, 7)
 
 
-TRAINED = ("sft", "critique_revise", "chain_of_hindsight", "mistake_analysis")
+TRAINED = ("sft", "critique_revise", "chain_of_hindsight", "dpo", "mistake_analysis")
+ALL = len(methods.METHOD_NAMES)  # vanilla and every trained method
 
 
 def _trained_models(ctx, tiny_model, monkeypatch, adapters: bool) -> None:
@@ -194,8 +193,8 @@ def _trained_models(ctx, tiny_model, monkeypatch, adapters: bool) -> None:
     for rank, method in enumerate(TRAINED):
         folder = f"{compare.model_folder(method)}train"
         shutil.copytree(tiny_model, ctx.run.path(folder, "model"))
-        if adapters:  # ranks 8, 16, 24, 32: the pool takes the largest
-            ctx.run.write_json({"r": 8 * (rank + 1), "peft_type": "LORA"}, folder, "adapter",
+        if adapters:  # ranks 4, 8, 12, ...: the pool takes the largest
+            ctx.run.write_json({"r": 4 * (rank + 1), "peft_type": "LORA"}, folder, "adapter",
                                "adapter_config.json")
             weights = {"x.lora_A.weight": np.ones((2, 3), np.float32)}
             ctx.run.write_bytes(save(weights), folder, "adapter", "adapter_model.safetensors")
@@ -223,13 +222,13 @@ def test_lora_methods_are_adapters_on_one_engine_pool_of_the_base_model(ctx, mon
     assert pool == "vanilla+lora" and path == ctx.config.model.path
     folders = {m: ctx.run.uri_of(f"{compare.model_folder(m)}train", "adapter") for m in TRAINED}
     assert lora.names == tuple(folders[m] for m in ("sft", "critique_revise", "chain_of_hindsight",
-                                                    "mistake_analysis"))
-    assert lora.max_rank == 32 and lora.root is None  # a local run dir: absolute folders
+                                                    "dpo", "mistake_analysis"))
+    assert lora.max_rank == 4 * len(TRAINED) and lora.root is None  # a local run dir: absolute folders
     # CPU engines: the base model's rows go to an all-zero adapter (exactly the base model)
     zero = load(ctx.run.read_bytes("compare/evaluate/base-adapter", "adapter_model.safetensors"))
     assert lora.base_stand_in == ctx.run.uri_of("compare/evaluate/base-adapter")
     assert zero["x.lora_A.weight"].shape == (2, 3) and not zero["x.lora_A.weight"].any()
-    assert lora.engine_kwargs()["max_lora_rank"] == 32 and lora.engine_kwargs()["max_loras"] == 5
+    assert lora.engine_kwargs()["max_lora_rank"] == 32 and lora.engine_kwargs()["max_loras"] == ALL
     for row in requests:  # every row reaches its own method's adapter, vanilla the base model
         method = row["key"].split("::")[0]
         expected = folders.get(method.removesuffix("+reminder"), "")
@@ -238,14 +237,13 @@ def test_lora_methods_are_adapters_on_one_engine_pool_of_the_base_model(ctx, mon
     assert [a["variant"] for a in answers][0] == "vanilla"
     assert list(dict.fromkeys(a["variant"] for a in answers)) == [
         v.name for v in compare.table_rows(ctx.config)]
-    assert len(dict.fromkeys(a["variant"] for a in answers)) == 10  # 5 methods x plain, reminder
+    assert len(dict.fromkeys(a["variant"] for a in answers)) == 2 * ALL  # plain, reminder
 
     on_gpu = evaluate_stage.engine_pools(ctx.run, "x", compare.method_answerers(ctx), on_gpu=True)
     assert on_gpu[0][2].base_stand_in is None and on_gpu[0][2].names == lora.names
     ctx.config.engine.serve_adapters = False  # back to one pool per model directory
     pools = evaluate_stage.engine_pools(ctx.run, "x", compare.method_answerers(ctx), on_gpu=False)
-    assert [p[0] for p in pools] == [
-        "vanilla", "sft", "critique_revise", "chain_of_hindsight", "mistake_analysis"]
+    assert [p[0] for p in pools] == list(methods.METHOD_NAMES)
 
 
 @pytest.mark.parametrize("reminder", ["both", "plain", "reminder"])
@@ -254,7 +252,7 @@ def test_each_row_asks_its_method_model_and_both_rows_share_its_pool(ctx, remind
     answerers = compare.method_answerers(ctx)
     rows = [v.name for v in compare.table_rows(ctx.config)]
     assert [a.variant for a in answerers] == rows
-    assert len(rows) == 5 * (2 if reminder == "both" else 1)
+    assert len(rows) == ALL * (2 if reminder == "both" else 1)
     model_of = {}
     for answerer in answerers:
         method = answerer.variant.removesuffix("+reminder")
@@ -266,8 +264,7 @@ def test_each_row_asks_its_method_model_and_both_rows_share_its_pool(ctx, remind
     assert model_of["sft"].endswith("/run/methods/sft/train/model")
     # the reminder rows add requests, not engines: one pool per model in every setting
     pools = evaluate_stage.engine_pools(ctx.run, "x", answerers, on_gpu=False)
-    assert [p[0] for p in pools] == ["vanilla", "sft", "critique_revise", "chain_of_hindsight",
-                                     "mistake_analysis"]
+    assert [p[0] for p in pools] == list(methods.METHOD_NAMES)
 
 
 def test_the_reminder_setting_redoes_the_answers_and_verdicts_never_a_training(ctx):
@@ -319,12 +316,11 @@ def test_evaluation_asks_every_method_with_one_engine_pool_per_model(ctx, monkey
     ctx.config.compare.attack_limit = 2
     out = compare.compare_evaluate(ctx)
     answers = ctx.run.read_table("compare/evaluate", "answers.parquet").to_pylist()
-    assert [p[0] for p in pools] == ["vanilla", "sft", "critique_revise", "chain_of_hindsight",
-                                     "mistake_analysis"]
-    assert pools[0][1] == ctx.config.model.path and pools[4][1].endswith("/run/train/model")
-    assert out.metrics["engine_pools"] == 5  # a method's reminder row rides on its plain row's pool
+    assert [p[0] for p in pools] == list(methods.METHOD_NAMES)
+    assert pools[0][1] == ctx.config.model.path and pools[-1][1].endswith("/run/train/model")
+    assert out.metrics["engine_pools"] == ALL  # a method's reminder row rides on its plain row's pool
     rows = [v.name for v in compare.table_rows(ctx.config)]
-    assert list(dict.fromkeys(a["variant"] for a in answers)) == rows and len(rows) == 10
+    assert list(dict.fromkeys(a["variant"] for a in answers)) == rows and len(rows) == 2 * ALL
     per_method = {m: sum(a["variant"] == m for a in answers) for m in rows}
     # 3 held-out harmful + 2 attacks x 2 wrapped + 4 helpful prompts
     assert set(per_method.values()) == {3 + 4 + 4} and out.metrics["attack_prompts"] == 4

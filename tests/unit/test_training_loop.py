@@ -74,7 +74,7 @@ def run_loop(monkeypatch, train: TrainConfig, rows: int, progress: dict | None =
     engine = FakeEngine(train.grad_accum)
     losses = iter(range(1, 10_000))  # each micro-batch's loss: 1, 2, 3, ... (one token each)
 
-    def train_step(eng, batch):
+    def train_step(eng, batch, objective=None):
         eng.micro_step()
         return float(next(losses)), 1
 
@@ -92,7 +92,7 @@ def run_loop(monkeypatch, train: TrainConfig, rows: int, progress: dict | None =
         "load_model": lambda *args, **kwargs: None,
         "deepspeed_engine": lambda model, cfg, world: engine,
         "restore": restore, "train_step": train_step, "_save": save,
-        "eval_loss": lambda eng, batches, device: (2.0, 4),  # this rank's own shard
+        "eval_loss": lambda eng, batches, device, objective=None: (2.0, 4),  # this rank's own shard
         "mean_over_ranks": lambda loss, tokens, device: (3.0, 12),  # every rank's
         "_sum_over_ranks": lambda value, device: value,
         "_export": lambda *args: events.append(("export", engine.global_steps)),
