@@ -7,15 +7,17 @@ written and sends only the rest, so an interrupted stage loses and duplicates no
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 import uuid
 import zlib
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 from tqdm import tqdm
 
 from ray_align import console
@@ -40,7 +42,10 @@ RESULT_SCHEMA = pa.schema(
 
 
 LIGHT_CPU = 0.1  # CPU share of the row-mapping steps around the engine
-TOKENIZE_ROWS = 4096  # prompts rendered and encoded per tokenizer call
+BLOCK_ROWS = 4096  # most requests in one Ray Data block (each block costs milliseconds of overhead)
+BLOCKS_PER_SLOT = 4  # blocks per engine batch slot at least, so every engine gets work to the end
+TOKENIZE_TASKS = 2  # tokenizing tasks at once: each renders and encodes ~8,000 short prompts/s
+# (2 cores), more than a 64-GPU pool answers; every worker process unpickles the tokenizer once
 
 
 class GenerationError(RuntimeError):
@@ -232,16 +237,58 @@ def sampling_params(sampling: SamplingConfig, key: str) -> dict[str, Any]:
     return params
 
 
-def prompt_token_ids(model: ModelConfig, messages_json: list[str]) -> pa.Array:
-    """Chat-formatted token ids of each request, made here once: the engines then need no chat
-    template or tokenizer stage of their own (on a small machine each such stage is an actor
-    that holds a CPU and takes seconds to start)."""
-    tokenizer = load_tokenizer(model.path, model.trust_remote_code)
-    ids: list[list[int]] = []
-    for start in range(0, len(messages_json), TOKENIZE_ROWS):
-        chunk = messages_json[start:start + TOKENIZE_ROWS]
-        ids += chat_prompt_ids_batch(tokenizer, [json.loads(m) for m in chunk])
-    return pa.array(ids, pa.list_(pa.int32()))
+@functools.lru_cache(maxsize=4)
+def shipped_tokenizer(ref: Any) -> Any:
+    """The driver's tokenizer in a Ray worker, fetched once per worker process: unpickling it
+    takes about a second where ``AutoTokenizer`` takes 5-10 (its imports reach torch), and it is
+    the very tokenizer the driver has, so the ids are the ones ``chat_prompt_ids`` gives there."""
+    import ray
+
+    return ray.get(ref)
+
+
+def tokenize_block(block: pa.Table, tokenizer: Any, path: str, trust_remote_code: bool) -> pa.Table:
+    """One block of requests with their chat-formatted token ids instead of their messages. Runs
+    in a Ray Data task, so the driver neither tokenizes nor holds every prompt's ids and the
+    engines need no chat template or tokenizer stage of their own (each such stage is an actor
+    that holds a CPU). ``tokenizer``: the driver's, put in the object store; None loads it here
+    (a remote-code tokenizer, whose class other nodes may not be able to import)."""
+    tokenizer = (shipped_tokenizer(tokenizer) if tokenizer is not None
+                 else load_tokenizer(path, trust_remote_code))
+    messages = [json.loads(m) for m in block.column("messages").to_pylist()]
+    ids = pa.array(chat_prompt_ids_batch(tokenizer, messages), pa.list_(pa.int32()))
+    return block.drop_columns(["messages"]).append_column("prompt_ids", ids)
+
+
+def block_rows(rows: int, engine: EngineConfig) -> int:
+    """Requests per Ray Data block: large (Ray Data's cost per block, milliseconds on a small
+    machine, is what limited one block per engine batch to ~1,500 rows/s), yet at least
+    ``BLOCKS_PER_SLOT`` blocks per engine batch slot, so engines finish together and first
+    answers come early; a whole number of engine batches (the engine stage cuts them)."""
+    slots = engine.pool[1] * engine.max_concurrent_batches
+    wanted = min(BLOCK_ROWS, max(engine.batch_size, -(-rows // (BLOCKS_PER_SLOT * slots))))
+    return -(-wanted // engine.batch_size) * engine.batch_size
+
+
+def request_blocks(todo: pa.Table, engine: EngineConfig) -> list[pa.Table]:
+    """The requests cut in blocks of ``block_rows`` (slices: no copy on the driver)."""
+    step = block_rows(todo.num_rows, engine)
+    return [todo.slice(i, step) for i in range(0, todo.num_rows, step)]
+
+
+def prompt_dataset(todo: pa.Table, model: ModelConfig, engine: EngineConfig):
+    """The requests as a Ray Dataset of ``key``, ``prompt_ids`` (and any other column), the
+    prompts tokenized in Ray Data tasks as the blocks stream to the engines."""
+    import ray
+    from ray.data import TaskPoolStrategy
+
+    shipped = (None if model.trust_remote_code
+               else ray.put(load_tokenizer(model.path, model.trust_remote_code)))
+    return ray.data.from_arrow(request_blocks(todo, engine)).map_batches(
+        tokenize_block, fn_kwargs={"tokenizer": shipped, "path": model.path,
+                                   "trust_remote_code": model.trust_remote_code},
+        batch_format="pyarrow", batch_size=None, zero_copy_batch=True, num_cpus=LIGHT_CPU,
+        compute=TaskPoolStrategy(size=TOKENIZE_TASKS))
 
 
 def context_limit(model: ModelConfig, max_tokens: int, to_messages: Callable[[str], list],
@@ -255,10 +302,49 @@ def context_limit(model: ModelConfig, max_tokens: int, to_messages: Callable[[st
         why=f"model.max_model_len {model.max_model_len} minus {setting} {max_tokens}")
 
 
-def done_ids(run: RunDir, *folder: str) -> set[str]:
+def done_keys(run: RunDir, *folder: str) -> pa.Array:
     """Request ids already written under a folder (every part is read, so corruption shows)."""
     table = run.read_tables(*folder)
-    return set() if table is None else set(table.column("key").to_pylist())
+    return pa.array([], pa.string()) if table is None else table.column("key").combine_chunks()
+
+
+def requests_to_do(requests: pa.Table, done: pa.Array, lora: LoraAdapters | None) -> pa.Table:
+    """The requests not yet answered, with the columns the engines take: the key, the messages
+    and, with ``lora``, the adapter ("" = the base model when the requests name none)."""
+    todo = requests.filter(pc.invert(pc.is_in(requests.column("key"), value_set=done)))
+    columns = {"key": todo.column("key"), "messages": todo.column("messages")}
+    if lora is not None:
+        columns[ADAPTER_COLUMN] = (todo.column(ADAPTER_COLUMN) if ADAPTER_COLUMN in todo.column_names
+                                   else pa.array([""] * todo.num_rows, pa.string()))
+    return pa.table(columns)
+
+
+@dataclass
+class Collected:
+    """What the driver keeps of the answers streaming back: counts, the first failure and one
+    engine window per batch (not per row), so its memory does not grow with the rows."""
+
+    tokens: int = 0
+    failed: int = 0
+    first_failure: tuple[str, str] | None = None  # (key, error)
+    windows: list[tuple[float, float]] = field(default_factory=list)
+
+    def answers(self, batch: pa.Table) -> pa.Table:
+        """Count a batch of engine output; return its answered rows in the result schema."""
+        failed = pc.fill_null(pc.not_equal(batch.column("error"), ""), False)
+        if self.first_failure is None and pc.any(failed).as_py():
+            row = pc.index(failed, True).as_py()
+            self.first_failure = (batch.column("key")[row].as_py(), batch.column("error")[row].as_py())
+        self.failed += pc.sum(failed).as_py() or 0
+        ok = batch.filter(pc.invert(failed))
+        self.tokens += pc.sum(ok.column("num_generated_tokens")).as_py() or 0
+        starts = pc.list_element(ok.column("engine_window"), 0)
+        ends = pc.list_element(ok.column("engine_window"), 1)
+        timed = pc.and_(pc.greater(starts, 0), pc.greater(ends, 0))
+        if pc.any(timed).as_py():
+            self.windows.append((pc.min(starts.filter(timed)).as_py(),
+                                 pc.max(ends.filter(timed)).as_py()))
+        return ok.select(RESULT_SCHEMA.names).cast(RESULT_SCHEMA)
 
 
 def generate(
@@ -278,23 +364,14 @@ def generate(
     import ray
 
     started = time.perf_counter()
-    already = done_ids(run, *folder)
-    mask = [rid not in already for rid in requests.column("key").to_pylist()]
-    todo = requests.filter(pa.array(mask))
-    if already:
-        print(f"[{desc}] resuming: {len(already)} done, {todo.num_rows} to go", flush=True)
+    done = done_keys(run, *folder)
+    todo = requests_to_do(requests, done, lora)
+    if len(done):
+        print(f"[{desc}] resuming: {len(done)} done, {todo.num_rows} to go", flush=True)
     if todo.num_rows == 0:
         return GenerationStats(requests.num_rows, 0, 0, 0.0)
     if engine.check_resources:
         check_engine_fits(engine, ray.cluster_resources())
-    columns = {"key": todo.column("key"),
-               "prompt_ids": prompt_token_ids(model, todo.column("messages").to_pylist())}
-    if lora is not None:
-        columns[ADAPTER_COLUMN] = (todo.column(ADAPTER_COLUMN) if ADAPTER_COLUMN in todo.column_names
-                                   else pa.array([""] * todo.num_rows, pa.string()))
-    todo = pa.table(columns)
-    step = engine.batch_size
-    blocks = [todo.slice(i, step) for i in range(0, todo.num_rows, step)]
     launched = time.perf_counter()
     if engines is not None and lora is None:
         processor, started_pool = engines.processor(model, engine, sampling)
@@ -302,50 +379,50 @@ def generate(
         if engines is not None:  # a pool of its own: the shared one's CPUs and GPUs are freed
             engines.release()
         processor, started_pool = build_engine_processor(model, engine, sampling, lora), True
-    dataset = processor(ray.data.from_arrow(blocks))
+    dataset = processor(prompt_dataset(todo, model, engine))
     console.quiet()  # ray.llm's loggers come up with the processor
     first_result_s: float | None = None
 
-    buffer: list[dict] = []
-    failures: list[dict] = []
-    tokens = written = 0
-    windows: list[tuple[float, float]] = []
+    collected = Collected()
+    buffer: list[pa.Table] = []
+    written = 0
     bar = tqdm(total=todo.num_rows, desc=desc, unit="row", dynamic_ncols=True)
     bar.set_postfix_str("starting engines" if started_pool else "waiting for the first answers")
 
     def flush() -> None:
         nonlocal written
-        if buffer:
-            table = pa.Table.from_pylist(buffer, schema=RESULT_SCHEMA)
+        rows = sum(t.num_rows for t in buffer)
+        if rows:
+            table = pa.concat_tables(buffer)
             run.write_table(table, *folder, f"part-{time.time_ns()}-{uuid.uuid4().hex[:6]}.parquet")
-            written += len(buffer)
-            buffer.clear()
+            written += rows
+        buffer.clear()
 
+    waiting = 0
     for batch in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
         if first_result_s is None:
             first_result_s = time.perf_counter() - launched
-        for row in batch.to_pylist():
-            if row["error"]:
-                failures.append(row)
-                continue
-            buffer.append({k: row[k] for k in RESULT_SCHEMA.names})
-            tokens += row["num_generated_tokens"]
-            windows.append(tuple(row["engine_window"]))
+        answered = collected.answers(batch)
+        buffer.append(answered)
+        waiting += answered.num_rows
         # rows/s and tokens/s over the stage's wall time
-        bar.set_postfix(tok_s=f"{tokens / (time.perf_counter() - started):.0f}", refresh=False)
+        bar.set_postfix(tok_s=f"{collected.tokens / (time.perf_counter() - started):.0f}",
+                        refresh=False)
         bar.update(batch.num_rows)
-        if len(buffer) >= engine.shard_rows:
+        if waiting >= engine.shard_rows:
             flush()
+            waiting = 0
     flush()
     bar.close()
-    if failures:
+    if collected.failed:
+        key, error = collected.first_failure
         raise GenerationError(
-            f"{desc}: {len(failures)} of {todo.num_rows} requests failed in the engine "
-            f"(first: {failures[0]['key']}: {failures[0]['error'][:300]}); "
-            f"{written} were saved, rerun to retry the rest"
+            f"{desc}: {collected.failed} of {todo.num_rows} requests failed in the engine "
+            f"(first: {key}: {error[:300]}); {written} were saved, rerun to retry the rest"
         )
-    return GenerationStats(requests.num_rows, written, tokens, time.perf_counter() - started,
-                           busy_seconds(windows), engine_pools=int(started_pool),
+    return GenerationStats(requests.num_rows, written, collected.tokens,
+                           time.perf_counter() - started, busy_seconds(collected.windows),
+                           engine_pools=int(started_pool),
                            first_result_s=first_result_s if started_pool else None)
 
 

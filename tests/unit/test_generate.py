@@ -56,8 +56,8 @@ def test_steady_rate_uses_the_engines_busy_window_when_vllm_reports_it():
 
 
 class StubEngines:
-    """Stands in for ``build_engine_processor``: maps the blocks ``generate`` hands to
-    ``ray.data.from_arrow`` (passed through as a list) to what the real postprocess returns,
+    """Stands in for ``build_engine_processor``: maps the blocks of ``generate``'s prompt
+    dataset (a list here) to what the real postprocess returns,
     one batch per block, and records the keys it was sent. Keys in ``fail`` come back with an
     error, as ``should_continue_on_error`` rows do."""
 
@@ -104,12 +104,16 @@ def stub(monkeypatch):
 
     engines = StubEngines()
     monkeypatch.setattr(generation, "build_engine_processor", engines.build)
-    monkeypatch.setattr(ray.data, "from_arrow", lambda blocks: list(blocks))
     monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 2.0})
-    # no tokenizer: one token id per character of the messages
-    monkeypatch.setattr(generation, "prompt_token_ids", lambda model, messages: pa.array(
-        [[1] * len(m) for m in messages], pa.list_(pa.int32())))
+    # no Ray Data and no tokenizer: the blocks as a list, one token id per character of messages
+    monkeypatch.setattr(generation, "prompt_dataset", lambda todo, model, engine: [
+        fake_tokenize(block) for block in generation.request_blocks(todo, engine)])
     return engines
+
+
+def fake_tokenize(block: pa.Table) -> pa.Table:
+    ids = pa.array([[1] * len(m) for m in block.column("messages").to_pylist()], pa.list_(pa.int32()))
+    return block.drop_columns(["messages"]).append_column("prompt_ids", ids)
 
 
 def _requests(n: int, start: int = 0):
