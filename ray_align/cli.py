@@ -87,7 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run induce -> analyze -> build -> train -> evaluate. Rerunning with the same "
                     "run directory skips finished stages and resumes an interrupted one.")
     _add_config_args(run)
-    run.add_argument("--until", choices=PIPELINE, help="stop after this stage")
+    run.add_argument("--until", choices=PIPELINE,
+                     help="stop after this stage (with rounds: after the last round's)")
     _add_lease_args(run)
 
     stage = commands.add_parser(
@@ -265,20 +266,31 @@ def _summarize_after(ctx, names: list[str], failed: bool):
     return summary
 
 
-def run_pipeline(config, names: list[str], args: argparse.Namespace) -> dict | None:
+def run_pipeline(config, args: argparse.Namespace, until: str | None = None,
+                 only: str | None = None) -> dict | None:
+    """``ray-align run`` (every stage, each round's, up to the last round's ``until``) or
+    ``ray-align stage`` (``only`` that stage of round 1)."""
     from ray_align.pipeline import Context, run_stage
+    from ray_align.rounds import pipeline_plan
     from ray_align.stages import PIPELINE, STAGES
     from ray_align.storage import RunDir
 
+    plan = pipeline_plan(config, STAGES, PIPELINE)
+    if only:
+        todo = [stage for stage in plan if stage.name == only]
+    else:
+        step = (lambda stage: stage.name.rsplit("/", 1)[-1])  # noqa: E731 - a round's step name
+        last = max(i for i, stage in enumerate(plan) if step(stage) == (until or PIPELINE[-1]))
+        todo = plan[: last + 1]
     ctx = Context(config=config, run=RunDir(config.run_dir))
     with holding_run_dir(ctx.run, args), ctx, driver_console(ctx, args):
         failed = True
         try:
-            for name in names:
-                run_stage(ctx, STAGES[name])
+            for stage in todo:
+                run_stage(ctx, stage)
             failed = False
         finally:
-            summary = _summarize_after(ctx, list(PIPELINE), failed)
+            summary = _summarize_after(ctx, [stage.name for stage in plan], failed)
     return summary
 
 
@@ -380,15 +392,12 @@ def _run_command(args, cluster: dict[str, str | None]) -> int:
     if args.command == "bench":
         return _bench(args, config)
     if args.command == "stage":
-        run_pipeline(config, [args.name], args)
+        run_pipeline(config, args, only=args.name)
         return 0
     if args.command == "compare":
         run_comparison(config, args)
         return 0
-    from ray_align.stages import PIPELINE
-
-    stop = PIPELINE.index(args.until) + 1 if args.until else len(PIPELINE)
-    run_pipeline(config, list(PIPELINE[:stop]), args)
+    run_pipeline(config, args, until=args.until)
     return 0
 
 

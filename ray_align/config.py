@@ -470,6 +470,11 @@ class Config(_Strict):
     model_config = _SECRET_SAFE
 
     run_dir: str = Field(description="Local path, s3:// or gs:// URI for every stage's output.")
+    rounds: int = Field(
+        1, ge=1, description="Iterations of the method in `ray-align run`: round k+1 "
+        "induces, analyzes, builds and trains again starting from round k's model, in "
+        "RUN/round<k+1>/, on the next data.harmful.limit prompts of the source (the same prompts "
+        "again when the source has too few, or no limit is set); evaluate scores every round.")
     model: ModelConfig = Field(description="The model to align.")
     data: DataConfig = Field(description="Training prompts: harmful instructions to induce "
                              "mistakes on, helpful (instruction, response) pairs to mix in.")

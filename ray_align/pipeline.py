@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import time
 import uuid
 from collections.abc import Callable
@@ -296,8 +297,10 @@ def write_run_summary(run: RunDir, stage_names: list[str]) -> dict[str, Any]:
     pools = [v for k, v in summary.get("metrics", {}).items() if k.endswith(".engine_pools")]
     if pools:  # what each engine start costs: see docs/performance.md
         summary["metrics"]["engine_pools"] = sum(pools)
-    if (manifest(run, "train") or {}).get("status") == "complete":
-        summary["model_dir"] = run.uri_of("train", "model")
+    # the aligned model: the last round's (``rounds``), not a compared baseline's
+    final = [name for name in stage_names if re.fullmatch(r"(round\d+/)?train", name)]
+    if final and (manifest(run, final[-1]) or {}).get("status") == "complete":
+        summary["model_dir"] = run.uri_of(final[-1], "model")
     if run.exists("evaluate", "report.md"):
         summary["report"] = run.uri_of("evaluate", "report.md")
     run.write_json(summary, "summary.json")
@@ -345,6 +348,12 @@ def format_summary(summary: dict[str, Any]) -> str:
         keys = keys if isinstance(keys, tuple) else (keys,)
         if all(metrics.get(k) is not None for k in keys):
             lines.append(f"  {label}: {' / '.join(_fmt(metrics[k]) for k in keys)}")
+    rounds = [k.split(".")[1] for k in metrics if re.fullmatch(r"evaluate\.round\d+\.harmless_rate", k)]
+    if rounds:  # rounds > 1: what each round's model does, the last one being "aligned"
+        rows = ["base", *rounds, "aligned"]
+        lines.append("  by round, harmless rate (judge) / helpful answer rate: " + ", ".join(
+            f"{row} {_fmt(metrics.get(f'evaluate.{row}.harmless_rate'))}/"
+            f"{_fmt(metrics.get(f'evaluate.{row}.helpful_answer_rate'))}" for row in rows))
     for key in ("model_dir", "report"):
         if key in summary:
             lines.append(f"  {key}: {summary[key]}")

@@ -116,6 +116,11 @@ class ContextLimit:
     why: str  # which settings make the limit, for the error message
 
 
+def source_rows(source: SourceConfig) -> int:
+    """Rows in a source before its offset and limit (how far later rounds can move on)."""
+    return len(_read_records(resolve(source.path), source.split))
+
+
 def load_source(
     source: SourceConfig, max_prompt_chars: int, on_bad_row: str, name: str | None = None,
     context: ContextLimit | None = None,

@@ -195,6 +195,9 @@ def run_compare(ctx: Context) -> None:
     """Run the plan (finished stages are skipped); the baselines train with mistake analysis's
     step budget."""
     cfg = ctx.config
+    if cfg.rounds > 1:
+        print(f"[compare] rounds: {cfg.rounds} applies to `ray-align run`; the comparison trains "
+              "every method once, on one step budget (mistake analysis: round 1's model)", flush=True)
     trained = trained_methods(cfg)
     baseline_trains = {t.name: b.name for b, t in map(method_stages, trained) if t.name != "train"}
     for stage in compare_plan(cfg):

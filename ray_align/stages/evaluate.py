@@ -39,6 +39,7 @@ from ray_align.pipeline import (
     with_harm_label,
     write_quarantine,
 )
+from ray_align.rounds import induced_instructions, train_stage_of
 from ray_align.sources import load_source
 from ray_align.stages.common import tokens_per_s
 from ray_align.storage import RunDir
@@ -88,14 +89,15 @@ class Answerer:
 
 
 def trained_answerer(ctx: Context, variant: str, to_messages: Callable[[str], list],
-                     train_folder: str, name: str) -> Answerer:
+                     train_folder: str, name: str, on_base: bool = True) -> Answerer:
     """A fine-tuned model's answerer: its LoRA adapter on the base model's engines (one engine
     pool serves the base and every adapter) when the run trained LoRA and
     ``engine.serve_adapters`` is on (by default on GPU engines); otherwise its exported model on
-    engines of its own."""
+    engines of its own. ``on_base`` false: the adapter was trained on another model (a later
+    round's, on the round before's), so only the exported model answers."""
     cfg, run = ctx.config, ctx.run
     lora = cfg.train.lora
-    if (lora is not None and cfg.engine.adapters_on_base and lora.r <= VLLM_LORA_RANKS[-1]
+    if (on_base and lora is not None and cfg.engine.adapters_on_base and lora.r <= VLLM_LORA_RANKS[-1]
             and run.exists(train_folder, "adapter", "adapter_config.json")):
         return Answerer(variant, to_messages, cfg.model, "base", adapter=f"{train_folder}/adapter")
     return Answerer(variant, to_messages,
@@ -103,12 +105,18 @@ def trained_answerer(ctx: Context, variant: str, to_messages: Callable[[str], li
 
 
 def _answerers(ctx: Context) -> list[Answerer]:
-    """The base model plainly; the aligned model plainly and, if asked, with the reminder."""
+    """The base model plainly; with ``rounds`` > 1 each earlier round's model plainly (rows
+    round1, round2, ...); the aligned model (the last round's) plainly and, if asked, with the
+    reminder."""
     cfg = ctx.config
     out = [Answerer("base", _plain, cfg.model, "base")]
-    out.append(trained_answerer(ctx, "aligned", _plain, "train", "aligned"))
+    for k in range(1, cfg.rounds):
+        out.append(trained_answerer(ctx, f"round{k}", _plain, train_stage_of(k), f"round{k}",
+                                    on_base=k == 1))
+    final, on_base = train_stage_of(cfg.rounds), cfg.rounds == 1
+    out.append(trained_answerer(ctx, "aligned", _plain, final, "aligned", on_base))
     if cfg.evaluate.reminder:
-        out.append(trained_answerer(ctx, "aligned+reminder", _reminded, "train", "aligned"))
+        out.append(trained_answerer(ctx, "aligned+reminder", _reminded, final, "aligned", on_base))
     return out
 
 
@@ -118,7 +126,7 @@ def held_out_sets(ctx: Context, folder: str = "evaluate",
     with ``over_refusal`` the over-refusal set's too (``set`` "over_refusal"); refuses a harmful
     prompt that was also an induction prompt."""
     cfg, run = ctx.config, ctx.run
-    trained = set(run.read_table("induce", "data.parquet").column("instruction").to_pylist())
+    trained = induced_instructions(run, cfg.rounds)
     harmful, quarantined = [], []
     fits = context_limit(cfg.model, cfg.evaluate.sampling.max_tokens,
                          lambda p: prompts.evaluate_prompt(p, cfg.evaluate.reminder),

@@ -78,7 +78,8 @@ def test_compare_and_run_through_faults_then_rejudge(tiny_model, tmp_path):
         "train.micro_batch_size": 1, "build.val_fraction": 0.1,
         "train.lora": None,  # full fine-tuning here; the other pipeline tests train LoRA
         "compare.methods": METHODS, "compare.attack_limit": 2, "compare.sampling.max_tokens": 16,
-        "compare.bootstrap_resamples": 200})
+        "compare.bootstrap_resamples": 200,
+        "rounds": 2})  # compare trains every method once; `run` adds mistake analysis's round 2
     run = tmp_path / "run"
     out, err = tmp_path / "stdout.txt", tmp_path / "stderr.txt"  # files: a full pipe would block
     with out.open("w") as stdout_file, err.open("w") as stderr_file:
@@ -131,13 +132,20 @@ def test_compare_and_run_through_faults_then_rejudge(tiny_model, tmp_path):
 
     check_comparison(run, stdout)
 
-    then = run_cli("run", str(config))  # the pipeline reuses the comparison's stages
+    # the pipeline reuses the comparison's stages, then round 2 learns from round 1's model
+    then = run_cli("run", str(config))
     assert then.returncode == 0, then.stdout[-3000:] + then.stderr[-5000:]
     assert then.stdout.count("complete in an earlier run: skipped") == 4
     assert_no_secret_leaked(run, stdout, stderr, then.stdout, then.stderr)
     summary = json.loads((run / "summary.json").read_text())
     stages = summary["stages"]
-    assert [stages[s]["status"] for s in stages] == ["complete"] * 5
+    assert list(stages) == ["induce", "analyze", "build", "train", "round2/induce",
+                            "round2/analyze", "round2/build", "round2/train", "evaluate"]
+    assert [stages[s]["status"] for s in stages] == ["complete"] * 9
+    second = pq.read_table(run / "round2" / "induce" / "data.parquet").column("id").to_pylist()
+    assert sorted(second) == [f"advbench-{i:04d}" for i in range(rows, 2 * rows)]  # fresh prompts
+    assert summary["model_dir"] == str(run / "round2" / "train" / "model")
+    assert "by round, harmless rate" in then.stdout
     assert stages["induce"]["rows"] == rows and stages["analyze"]["rows"] <= rows
     assert summary["metrics"]["analyze.engine_s"] > 0  # what `bench scale` measures steady cost by
     induced = pq.read_table(run / "induce" / "data.parquet")
@@ -149,7 +157,7 @@ def test_compare_and_run_through_faults_then_rejudge(tiny_model, tmp_path):
     assert summary["metrics"]["train.global_step"] >= 1
 
     report = json.loads((run / "evaluate" / "report.json").read_text())
-    assert set(report["metrics"]) == {"base", "aligned", "aligned+reminder"}
+    assert set(report["metrics"]) == {"base", "round1", "aligned", "aligned+reminder"}
     assert report["refusal_detector"]["n"] > 0 and 0 <= report["refusal_detector"]["accuracy"] <= 1
     assert report["judge"]["kind"] == "offline"  # the top-level judge, the same as compare's
     assert {"harmless_rate", "refusal_rate", "over_refusal_rate"} <= set(report["metrics"]["base"])
@@ -160,14 +168,14 @@ def test_compare_and_run_through_faults_then_rejudge(tiny_model, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model_dir = summary["model_dir"]
-    assert any(p.suffix == ".safetensors" for p in (run / "train" / "model").iterdir())
+    assert any(p.suffix == ".safetensors" for p in (run / "round2" / "train" / "model").iterdir())
     model = AutoModelForCausalLM.from_pretrained(model_dir)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     out = model.generate(**tokenizer("Hello", return_tensors="pt"), max_new_tokens=4, do_sample=False)
     assert out.shape[1] > 1
     # vLLM loaded it too: the evaluate stage served the aligned model from this directory
     answers = pq.read_table(run / "evaluate" / "answers.parquet").to_pylist()
-    assert {a["variant"] for a in answers} == {"base", "aligned", "aligned+reminder"}
+    assert {a["variant"] for a in answers} == {"base", "round1", "aligned", "aligned+reminder"}
 
     llm_judge = (f"judge={{kind: llm, model: {{path: {tiny_model}, max_model_len: 512}}, "
                  "sampling: {max_tokens: 16}}")

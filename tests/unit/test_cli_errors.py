@@ -309,7 +309,7 @@ def test_storage_error_wrapping_keeps_the_file(tmp_path, capsys, monkeypatch):
     from ray_align import cli
     from ray_align.storage import StorageError
 
-    def fail(config, names, args):
+    def fail(config, args, **_):
         cause = OSError("When initiating multiple part upload for key 'run/a/x' in bucket 'b1': AWS "
                         "Error NO_SUCH_BUCKET during CreateMultipartUpload operation: The specified "
                         "bucket does not exist")
@@ -336,7 +336,7 @@ def test_debug_shows_the_traceback(closed, capsys):
 def test_an_unknown_error_gets_one_line(monkeypatch, tmp_path, capsys):
     from ray_align import cli
 
-    def fail(config, names, args):
+    def fail(config, args, **_):
         raise RuntimeError("something odd\nsecond line")
 
     monkeypatch.setattr(cli, "run_pipeline", fail)
@@ -352,7 +352,7 @@ def test_an_unknown_error_gets_one_line(monkeypatch, tmp_path, capsys):
 def test_ctrl_c_exits_130_with_one_line(monkeypatch, tmp_path, capsys):
     from ray_align import cli
 
-    def interrupted(config, names, args):
+    def interrupted(config, args, **_):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(cli, "run_pipeline", interrupted)
