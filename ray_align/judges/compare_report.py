@@ -53,6 +53,7 @@ COLUMNS: tuple[tuple[str, str], ...] = (
     ("harmlessness_score", "harmlessness score"),
     ("harmless_rate", "harmless rate"),
     ("helpfulness_on_harmful", "helpfulness on harmful prompts"),
+    ("over_refusal_rate", "over-refusal rate"),  # the refusal detector's, on safe prompts
 )
 GROUPINGS: tuple[Literal["category", "attack"], ...] = ("category", "attack")
 # The untrained rows the trained methods are set against, where the comparison has them: a plain
@@ -113,6 +114,7 @@ PromptKey = tuple[str, str | None, str | None, str, int]
 DIFFERENCE_METRICS: tuple[tuple[str, str, Callable[[JudgedAnswer], list[float]]], ...] = (
     ("harmless_rate", "harmful", lambda a: _harmless_flags([a.harmlessness])),
     ("helpfulness", "helpful", lambda a: _scores([a.helpfulness])),
+    ("over_refusal_rate", "over_refusal", lambda a: [] if a.refused is None else [float(a.refused)]),
 )
 
 
@@ -145,6 +147,8 @@ def differences(answers: Sequence[JudgedAnswer], settings: Bootstrap) -> list[Di
     for method in (m for m in methods if m not in BASELINES and baseline_of(m) in methods):
         baseline = baseline_of(method)
         for metric, prompt_set, value_of in DIFFERENCE_METRICS:
+            if not any(a.prompt_set == prompt_set for a in answers):
+                continue  # a set this comparison did not ask (no over-refusal prompts)
             mine = per_prompt(answers, method, prompt_set, value_of)
             theirs = per_prompt(answers, baseline, prompt_set, value_of)
             shared = [key for key in mine if key in theirs]
@@ -257,6 +261,7 @@ def _group_table(groups: Sequence[GroupScores], methods: Sequence[str],
 DIFFERENCE_SHOWN: dict[str, tuple[str, float, int, str]] = {
     "harmless_rate": ("harmless rate", 100.0, 1, " pp"),
     "helpfulness": ("helpfulness", 1.0, 2, ""),
+    "over_refusal_rate": ("over-refusal rate", 100.0, 1, " pp"),
 }
 
 
@@ -374,7 +379,9 @@ def render_markdown(scores: Sequence[MethodScores], groups: Mapping[str, Sequenc
     methods = [s.method for s in scores]
     parts = [f"# {title}", "",
              "Helpfulness and harmlessness score are judged from 1 to 10; the harmless rate is the "
-             "share of answers to harmful prompts judged harmless. Each cell is the "
+             "share of answers to harmful prompts judged harmless; the over-refusal rate is the "
+             "share of safe prompts that only sound unsafe which the model declined (the keyword "
+             "refusal detector, not the judge: lower is better). Each cell is the "
              f"{interval_note(settings)[0].lower()}{interval_note(settings)[1:]} "
              "n counts the parsed verdicts; unparsed verdicts are left out and counted in the last "
              "column. n/a: no parsed verdict.", "",
@@ -412,7 +419,8 @@ def _bars(ax: Any, positions: Sequence[float], estimates: Sequence[Estimate], wi
 
 
 def write_chart(scores: Sequence[MethodScores], path: Path, title: str, settings: Bootstrap) -> Path:
-    """Harmless rate (top) and the 1-10 scores (bottom) per method, with interval error bars.
+    """Harmless and over-refusal rates (top) and the 1-10 scores (bottom) per method, with
+    interval error bars.
 
     Matplotlib is imported here so that importing the package, and running without a report,
     never needs it; the figure is drawn on an Agg canvas without pyplot, so no global state or
@@ -429,10 +437,16 @@ def write_chart(scores: Sequence[MethodScores], path: Path, title: str, settings
     rate_ax, score_ax = fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [2, 3]})
     xs = list(range(len(methods)))
 
-    _bars(rate_ax, xs, [s.harmless_rate for s in scores], 0.5, "tab:green", None, 1.0)
+    rates = (("harmless_rate", "harmless rate (harmful prompts)", "tab:green"),
+             ("over_refusal_rate", "over-refusal rate (safe prompts declined)", "tab:red"))
+    for i, (attr, label, color) in enumerate(rates):
+        _bars(rate_ax, [x + (i - 0.5) * 0.4 for x in xs], [getattr(s, attr) for s in scores], 0.4,
+              color, label, 1.0)
     rate_ax.set_ylim(0, 1.05)
-    rate_ax.set_ylabel("harmless rate")
-    rate_ax.set_title("Harmless rate: share of answers to harmful prompts judged harmless", fontsize=10)
+    rate_ax.set_ylabel("rate")
+    rate_ax.set_title("Harmless rate (higher is better) and over-refusal rate (lower is better)",
+                      fontsize=10)
+    rate_ax.legend(fontsize=9, frameon=False, loc="upper left")
 
     series = (("helpfulness", "helpfulness (helpful prompts)", "tab:blue"),
               ("helpfulness_on_harmful", "helpfulness (harmful prompts)", "tab:purple"),

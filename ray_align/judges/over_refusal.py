@@ -20,6 +20,8 @@ from ray_align.judges.refusal import is_refusal
 REQUIRED_KEYS = ("id", "prompt", "category", "expected")
 EXPECTED_VALUES = ("comply", "refuse")
 
+OVER_REFUSAL = "over_refusal"  # the ``set`` of its prompts among held-out answers
+
 
 class OverRefusalDataError(ValueError):
     """A malformed row in an over-refusal file; the message names the file, line and key."""

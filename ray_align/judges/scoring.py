@@ -13,6 +13,7 @@ from typing import Any
 
 import pyarrow as pa
 
+from ray_align.judges.over_refusal import OVER_REFUSAL
 from ray_align.judges.report import JudgedAnswer
 from ray_align.judges.verdicts import Verdict, judge_messages, parse_verdict
 from ray_align.pipeline import Context
@@ -135,16 +136,20 @@ def judge_answers(ctx: Context, answers: list[dict],
     """Every answer with its verdicts (in the order of ``answers``), the verdict table to keep,
     and what the report must say about the judge (its kind, model, and for the offline judge
     its held-out accuracy), by the configured judge (``judge:``, the same for ``evaluate`` and
-    ``compare``); a model judge's work in progress goes to ``folder``/parts."""
-    found, info = JUDGES[ctx.config.judge.kind](ctx, answers, folder)
+    ``compare``); a model judge's work in progress goes to ``folder``/parts. Answers to the
+    over-refusal set (``set`` "over_refusal") are not judged: they carry their refusal flag."""
+    # the over-refusal set's prompts are safe: only declining them is measured, never judged
+    found, info = JUDGES[ctx.config.judge.kind](
+        ctx, [a for a in answers if a["set"] != OVER_REFUSAL], folder)
     judged, rows = [], []
     for a in answers:
         key = answer_key(a)
+        kind = a["set"] if a["set"] in ("helpful", OVER_REFUSAL) else "harmful"
         judged.append(JudgedAnswer(
-            method=a["variant"], prompt_set="helpful" if a["set"] == "helpful" else "harmful",
-            response=a["answer"], harmlessness=_verdict(found.get((key, "harmlessness"))),
+            method=a["variant"], prompt_set=kind, response=a["answer"],
+            harmlessness=_verdict(found.get((key, "harmlessness"))),
             helpfulness=_verdict(found.get((key, "helpfulness"))), category=a["category"],
-            attack=a["attack"], prompt=a["prompt"]))
+            attack=a["attack"], prompt=a["prompt"], refused=a.get("refused")))
         rows += [{"key": key, "method": a["variant"], "task": task, **found[(key, task)]}
                  for task in ("harmlessness", "helpfulness") if (key, task) in found]
     unparsed = sum(not r["parsed"] for r in rows)

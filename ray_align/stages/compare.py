@@ -4,7 +4,7 @@ Generation shared between methods runs once (``induce``, ``analyze``, ``baseline
 trained method then gets its own ``build`` and ``train`` on the same helpful data and the same
 number of optimizer steps (mistake analysis uses the pipeline's own ``build`` and ``train``, so a
 finished ``ray-align run`` is reused). ``compare/evaluate`` asks every method the same held-out
-harmful, instruction-attack and helpful prompts, plainly and/or with the harmlessness reminder
+harmful, instruction-attack, helpful and over-refusal prompts, plainly and/or with the harmlessness reminder
 (``compare.reminder``: a table row each), and ``compare/judge`` scores the answers and writes
 ``compare/compare.md``, ``compare.json`` and ``compare.png``.
 """
@@ -21,6 +21,7 @@ import pyarrow as pa
 
 from ray_align import prompts
 from ray_align.config import Config
+from ray_align.judges.over_refusal import OVER_REFUSAL
 from ray_align.methods import METHODS, Variant, method, variants
 from ray_align.pipeline import Context, Stage, StageOutput, manifest, run_stage, with_harm_label
 from ray_align.stages.build import write_samples
@@ -89,7 +90,7 @@ def attack_items(harmful: list[dict], attacks: list[str], limit: int) -> list[di
 
 def compare_evaluate(ctx: Context) -> StageOutput:
     cfg, run = ctx.config, ctx.run
-    harmful, helpful = held_out_sets(ctx, "compare/evaluate")
+    harmful, helpful = held_out_sets(ctx, "compare/evaluate", over_refusal=True)
     items = harmful + attack_items(harmful, cfg.compare.attacks, cfg.compare.attack_limit) + helpful
     ctx.ensure_ray()
     answers, tokens, seconds, pools = answer_all(ctx, "compare/evaluate", method_answerers(ctx), items)
@@ -98,7 +99,8 @@ def compare_evaluate(ctx: Context) -> StageOutput:
     return StageOutput(len(answers), "answers.parquet", {
         "output_tokens": tokens, "tokens_per_s": tokens_per_s(tokens, seconds),
         "harmful_prompts": len(harmful), "attack_prompts": len(items) - len(harmful) - len(helpful),
-        "helpful_prompts": len(helpful), **pools})
+        "helpful_prompts": sum(r["set"] == "helpful" for r in helpful),
+        "over_refusal_prompts": sum(r["set"] == OVER_REFUSAL for r in helpful), **pools})
 
 
 def method_answerers(ctx: Context) -> list[Answerer]:

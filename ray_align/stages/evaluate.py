@@ -27,7 +27,7 @@ from ray_align.generate import (
     results_by_id,
 )
 from ray_align.judges.compare_report import plain, render_judge
-from ray_align.judges.over_refusal import over_refusal_rate
+from ray_align.judges.over_refusal import OVER_REFUSAL, over_refusal_rate
 from ray_align.judges.refusal import is_refusal, judge_accuracy
 from ray_align.judges.report import Bootstrap, JudgedAnswer, MethodScores, method_scores
 from ray_align.judges.scoring import judge_answers
@@ -51,7 +51,6 @@ ANSWER_SCHEMA = pa.schema([
 ])
 TRUNCATE = 160
 NO_ATTACK = "none"
-OVER_REFUSAL = "over_refusal"  # the ``set`` of the safe prompts that sound unsafe
 
 
 def _words(text: str) -> list[str]:
@@ -345,10 +344,9 @@ def answers_of_an_earlier_judge(run: RunDir) -> list[dict] | None:
 def judge_all(ctx: Context, answers: list[dict]) -> tuple[list[JudgedAnswer | None], pa.Table, dict]:
     """The configured judge's verdicts on every answer but the over-refusal set's (those are
     safe prompts: only declining them is measured), in the order of ``answers``."""
-    todo = [a for a in answers if a["set"] != OVER_REFUSAL]
-    judged, verdicts, info = judge_answers(ctx, todo, "evaluate/judge")
-    found = iter(judged)
-    return [next(found) if a["set"] != OVER_REFUSAL else None for a in answers], verdicts, info
+    judged, verdicts, info = judge_answers(ctx, answers, "evaluate/judge")
+    return [j if a["set"] != OVER_REFUSAL else None for a, j in zip(answers, judged, strict=True)], \
+        verdicts, info
 
 
 def evaluate(ctx: Context) -> StageOutput:

@@ -223,6 +223,8 @@ def check_comparison(run, stdout: str) -> None:
     print(json.dumps(report["judge"])[:1000])
     assert report["judge"]["kind"] == "offline"
     assert report["judge"]["held_out"]["harm"]["auroc"] > 0.5
+    # the over-refusal set's safe prompts: each row's refusal share, never judged
+    assert all(m["over_refusal_rate"]["n"] == 4 for m in report["methods"])
     table = (run / "compare" / "compare.md").read_text()
     assert all(f"| {row} |" in table for row in ROWS)
     assert (run / "compare" / "compare.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

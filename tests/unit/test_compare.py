@@ -322,8 +322,9 @@ def test_evaluation_asks_every_method_with_one_engine_pool_per_model(ctx, monkey
     rows = [v.name for v in compare.table_rows(ctx.config)]
     assert list(dict.fromkeys(a["variant"] for a in answers)) == rows and len(rows) == 2 * ALL
     per_method = {m: sum(a["variant"] == m for a in answers) for m in rows}
-    # 3 held-out harmful + 2 attacks x 2 wrapped + 4 helpful prompts
-    assert set(per_method.values()) == {3 + 4 + 4} and out.metrics["attack_prompts"] == 4
+    # 3 held-out harmful + 2 attacks x 2 wrapped + 4 helpful + the over-refusal set's 22 prompts
+    assert set(per_method.values()) == {3 + 4 + 4 + 22} and out.metrics["attack_prompts"] == 4
+    assert out.metrics["over_refusal_prompts"] == 22 and out.metrics["helpful_prompts"] == 4
     attacked = [a for a in answers if a["attack"] != "none"]
     assert {a["set"] for a in attacked} == {"attack:goal_hijacking", "attack:role_play"}
 
