@@ -52,6 +52,10 @@ def test_requests_to_do_leaves_out_exactly_the_answered_keys():
     requests = make_requests(["a", "b", "c", "d"], [CONVERSATIONS[0]] * 4)
     todo = requests_to_do(requests, pa.array(["d", "b", "zz"]), lora=None)
     assert todo.column("key").to_pylist() == ["a", "c"] and todo.column_names == ["key", "messages"]
+    # a first run sends the caller's table itself: no copy of a million requests
+    first = requests_to_do(requests, pa.array([], pa.string()), lora=None)
+    assert (first.column("messages").chunk(0).buffers()[2].address
+            == requests.column("messages").chunk(0).buffers()[2].address)
     with_adapter = requests.append_column("adapter", pa.array(["", "x", "", "x"]))
     todo = requests_to_do(with_adapter, pa.array([], pa.string()), lora=object())
     assert todo.column("adapter").to_pylist() == ["", "x", "", "x"]
