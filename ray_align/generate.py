@@ -386,34 +386,30 @@ def generate(
     first_result_s: float | None = None
 
     collected = Collected()
-    buffer: list[pa.Table] = []
-    written = 0
+    buffer: list[pa.Table] = []  # answers not yet written, ``waiting`` rows
+    written = waiting = 0
     bar = tqdm(total=todo.num_rows, desc=desc, unit="row", dynamic_ncols=True)
     bar.set_postfix_str("starting engines" if started_pool else "waiting for the first answers")
 
     def flush() -> None:
-        nonlocal written
-        rows = sum(t.num_rows for t in buffer)
-        if rows:
-            table = pa.concat_tables(buffer)
-            run.write_table(table, *folder, f"part-{time.time_ns()}-{uuid.uuid4().hex[:6]}.parquet")
-            written += rows
+        nonlocal written, waiting
+        if waiting:
+            run.write_table(pa.concat_tables(buffer), *folder,
+                            f"part-{time.time_ns()}-{uuid.uuid4().hex[:6]}.parquet")
+            written, waiting = written + waiting, 0
         buffer.clear()
 
-    waiting = 0
     for batch in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
         if first_result_s is None:
             first_result_s = time.perf_counter() - launched
-        answered = collected.answers(batch)
-        buffer.append(answered)
-        waiting += answered.num_rows
+        buffer.append(collected.answers(batch))
+        waiting += buffer[-1].num_rows
         # rows/s and tokens/s over the stage's wall time
         bar.set_postfix(tok_s=f"{collected.tokens / (time.perf_counter() - started):.0f}",
                         refresh=False)
         bar.update(batch.num_rows)
         if waiting >= engine.shard_rows:
             flush()
-            waiting = 0
     flush()
     bar.close()
     if collected.failed:
