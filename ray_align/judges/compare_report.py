@@ -147,8 +147,8 @@ def differences(answers: Sequence[JudgedAnswer], settings: Bootstrap) -> list[Di
     for method in (m for m in methods if m not in BASELINES and baseline_of(m) in methods):
         baseline = baseline_of(method)
         for metric, prompt_set, value_of in DIFFERENCE_METRICS:
-            if not any(a.prompt_set == prompt_set for a in answers):
-                continue  # a set this comparison did not ask (no over-refusal prompts)
+            if not any(value_of(a) for a in answers if a.prompt_set == prompt_set):
+                continue  # not measured here: a set not asked, or a judge without this score
             mine = per_prompt(answers, method, prompt_set, value_of)
             theirs = per_prompt(answers, baseline, prompt_set, value_of)
             shared = [key for key in mine if key in theirs]

@@ -247,6 +247,7 @@ def test_each_row_is_set_against_the_baseline_asked_the_same_way():
                for m, s in (("vanilla", 2), ("vanilla+reminder", 7), ("mistake_analysis", 9),
                             ("mistake_analysis+reminder", 6))]
     answers.append(JudgedAnswer("mistake_analysis", "helpful", "...", prompt="q1"))  # no verdict
+    answers.append(JudgedAnswer("vanilla", "helpful", "...", helpfulness=helpful(5), prompt="q1"))
     diffs = differences(answers, Bootstrap(resamples=50))
     assert [(d.method, d.baseline, d.metric, d.value, d.n) for d in diffs] == [
         ("mistake_analysis", "vanilla", "harmless_rate", 1.0, 1),
@@ -326,3 +327,10 @@ def test_over_refusal_rate_per_row_and_its_paired_difference_from_the_baseline(t
     [diff] = [d for d in data["differences"] if d["metric"] == "over_refusal_rate"]
     assert (diff["method"], diff["baseline"], diff["value"], diff["n"]) == ("sft", "vanilla", 0.5, 4)
     assert "| sft | vanilla | over-refusal rate | +50.0 pp |" in paths["md"].read_text()
+
+
+def test_a_metric_no_answer_has_is_left_out_of_the_differences():
+    """The offline judge gives no helpfulness: no row of "n/a" differences for it."""
+    answers = [JudgedAnswer(m, p, "...", harm(5) if p == "harmful" else None, prompt="q")
+               for m in ("vanilla", "sft") for p in ("harmful", "helpful")]
+    assert [d.metric for d in differences(answers, Bootstrap(resamples=20))] == ["harmless_rate"]
