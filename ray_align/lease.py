@@ -18,6 +18,7 @@ import _thread
 import contextlib
 import json
 import os
+import signal
 import socket
 import threading
 import time
@@ -72,6 +73,7 @@ class RunLease:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.lost: str | None = None
+        self._sigint: Any = None  # SIGINT's handler before ``acquire`` when it was not Python's
 
     def read(self) -> dict[str, Any] | None:
         try:
@@ -120,8 +122,20 @@ class RunLease:
             if (self.read() or {}).get("holder") != self.record["holder"]:
                 raise LeaseError(f"{self.run.uri}: another driver took the lease at the same moment; "
                                  f"{describe(self.read() or {}, time.time())} holds it")
+        self._interruptible()
         self._thread = threading.Thread(target=self._beat, name="run-lease", daemon=True)
         self._thread.start()
+
+    def _interruptible(self) -> None:
+        """Make sure a takeover can stop this driver: ``interrupt_main`` does nothing while
+        SIGINT is ignored, as it is in a background job of a non-interactive shell (``cmd &`` in
+        a script, some schedulers). Python's own handler is put back for the lease's duration."""
+        if threading.current_thread() is not threading.main_thread():
+            return
+        handler = signal.getsignal(signal.SIGINT)
+        if not callable(handler):
+            self._sigint = handler
+            signal.signal(signal.SIGINT, signal.default_int_handler)
 
     def _beat(self) -> None:
         while not self._stop.wait(self.heartbeat_s):
@@ -139,6 +153,9 @@ class RunLease:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=5)
+        if self._sigint is not None and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, self._sigint)
+            self._sigint = None
         with contextlib.suppress(StorageError, OSError):
             if (self.read() or {}).get("holder") == self.record["holder"]:
                 self.run.delete(LEASE_FILE)

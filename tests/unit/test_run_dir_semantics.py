@@ -189,3 +189,23 @@ def test_run_on_a_busy_run_directory_is_refused_in_one_line(run_uri, capsys):
     finally:
         holder.release()
     assert not RunDir(run_uri).exists("induce")  # nothing ran
+
+
+def test_a_driver_started_with_sigint_ignored_still_stops_when_its_lease_is_taken(tmp_path):
+    """A background job of a non-interactive shell starts with SIGINT ignored, where
+    ``interrupt_main`` does nothing: the lease puts Python's handler back while it is held."""
+    import signal
+
+    before = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        run = RunDir(str(tmp_path))
+        first = RunLease(run, "first", heartbeat_s=0.2, settle_s=0.1)
+        first.acquire()
+        try:
+            with pytest.raises(KeyboardInterrupt), RunLease(run, "second", force=True, settle_s=0.1):
+                time.sleep(5)
+        finally:
+            first.release()
+        assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN  # as it was
+    finally:
+        signal.signal(signal.SIGINT, before)
