@@ -71,6 +71,7 @@ def _jobs_command(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from ray_align.methods import METHODS
     from ray_align.stages import PIPELINE
 
     parser = argparse.ArgumentParser(prog="ray-align", description=DESCRIPTION,
@@ -130,11 +131,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     compare = commands.add_parser(
         "compare", help="the paper's comparison: every baseline trained, evaluated and judged",
-        description="Train and evaluate vanilla, SFT, Critique-Revise, Chain of Hindsight, mistake "
-                    "analysis and mistake analysis + reminder on the same data and training "
-                    "budget, judge every answer (judge: offline, llm or http) and write "
-                    "RUN/compare/compare.md, compare.json and compare.png. Shares the run "
-                    "directory with `ray-align run`: finished stages are reused.")
+        description="Train and evaluate the methods of compare.methods on the same data and "
+                    "training budget, each asked plainly and/or with the harmlessness reminder "
+                    "(compare.reminder), judge every answer (judge: offline, llm or http), count "
+                    "over-refusals, and write RUN/compare/compare.md, compare.json and "
+                    "compare.png. Shares the run directory with `ray-align run`: finished stages "
+                    "are reused. Methods: " + "; ".join(f"{m.name} ({m.summary})"
+                                                        for m in METHODS.values()) + ".")
     _add_config_args(compare)
     _add_lease_args(compare)
 
