@@ -140,6 +140,15 @@ class EngineConfig(_Strict):
         False, description="With shared pools: keep them up while the train stage runs (a cluster "
         "with separate generation nodes); off frees their CPUs and GPUs for training.")
 
+    @field_validator("env", mode="before")
+    @classmethod
+    def _env_values_as_text(cls, value: Any) -> Any:
+        # YAML and key=value overrides read `VAR: 0` as a number; the environment holds text
+        if isinstance(value, dict):
+            return {k: ("1" if v else "0") if isinstance(v, bool) else
+                    str(v) if isinstance(v, int | float) else v for k, v in value.items()}
+        return value
+
     @property
     def adapters_on_base(self) -> bool:
         """Whether LoRA-trained models answer as adapters on the base model's engines."""

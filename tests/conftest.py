@@ -51,13 +51,14 @@ def tiny_config(tmp_path: Path, model: Path, harmful: int = 8, engine_in_process
                 **extra) -> Path:
     """The quickstart config, shrunk to seconds of work on the tiny model.
 
-    ``engine_in_process`` runs each vLLM engine's worker inside its engine-core process
-    (``VLLM_ENABLE_V1_MULTIPROCESSING=0``): half the engine start (one process fewer to spawn and
-    import torch and vLLM into), slower decoding. With a tiny model and a few tokens per request
-    the start is nearly all of an engine's time; the bench smoke test keeps vLLM's default."""
+    ``engine_in_process`` keeps the quickstart's engine settings, which run each vLLM engine's
+    worker inside its engine-core process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``, one process
+    fewer to start); false restores vLLM's default (a worker process of its own), which the bench
+    smoke test runs."""
     raw = yaml.safe_load((REPO / "configs" / "quickstart.yaml").read_text())
-    if engine_in_process:
-        raw["engine"]["env"]["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    if not engine_in_process:
+        for name in ("VLLM_ENABLE_V1_MULTIPROCESSING", "OMP_NUM_THREADS"):
+            raw["engine"]["env"].pop(name)
     raw["run_dir"] = str(tmp_path / "run")
     raw["model"]["path"] = str(model)
     raw["model"]["max_model_len"] = 512

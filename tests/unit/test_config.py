@@ -19,6 +19,14 @@ def test_overrides_are_dotted_and_typed():
     assert config.train.epochs == 3 and config.engine.pool == (1, 4) and config.run_dir == "s3://b/r"
 
 
+def test_engine_env_values_given_as_numbers_become_text():
+    # `engine.env.OMP_NUM_THREADS=2` on the command line reads 2 as a number
+    config = load_config(QUICKSTART, ["engine.env.OMP_NUM_THREADS=2", "engine.env.FLAG=true",
+                                      "engine.env.NAME=x"])
+    assert {k: config.engine.env[k] for k in ("OMP_NUM_THREADS", "FLAG", "NAME")} == {
+        "OMP_NUM_THREADS": "2", "FLAG": "1", "NAME": "x"}
+
+
 def test_section_hash_tracks_only_its_sections():
     a = load_config(QUICKSTART)
     b = load_config(QUICKSTART, ["train.epochs=5"])
