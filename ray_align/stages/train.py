@@ -116,14 +116,14 @@ def with_reference_logps(dataset, cfg):
     from ray.data import ActorPoolStrategy
 
     from ray_align.tokenization import load_tokenizer, pad_token_id
+    from ray_align.training.core import training_dtype
     from ray_align.training.preference import ReferenceScorer
 
-    dtype = "bfloat16" if cfg.train.precision == "bf16" else "float32"
     pad_id = pad_token_id(load_tokenizer(cfg.model.path, cfg.model.trust_remote_code))
     return dataset.map_batches(
         ReferenceScorer, batch_format="numpy", batch_size=64, compute=ActorPoolStrategy(size=1),
         num_gpus=1 if cfg.train.use_gpu else 0, num_cpus=cfg.train.cpus_per_worker,
-        fn_constructor_kwargs={"model_path": cfg.model.path, "dtype": dtype,
+        fn_constructor_kwargs={"model_path": cfg.model.path, "dtype": training_dtype(cfg.train),
                                "pad_id": pad_id, "batch_rows": cfg.train.micro_batch_size,
                                "trust_remote_code": cfg.model.trust_remote_code,
                                "device": "cuda" if cfg.train.use_gpu else "cpu"}).materialize()

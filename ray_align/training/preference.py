@@ -131,12 +131,12 @@ class ReferenceScorer:
     base model, once before a full fine-tune (a Ray Data map class: the model is loaded once per
     actor). SFT rows get NaN."""
 
-    def __init__(self, model_path: str, dtype: str, pad_id: int, batch_rows: int,
+    def __init__(self, model_path: str, dtype: torch.dtype, pad_id: int, batch_rows: int,
                  trust_remote_code: bool = False, device: str = "cpu") -> None:
         from ray_align.storage import local_model_path
         from ray_align.training.core import load_model
 
-        self.model = load_model(local_model_path(model_path), dtype=getattr(torch, dtype),
+        self.model = load_model(local_model_path(model_path), dtype=dtype,
                                 trust_remote_code=trust_remote_code).to(device).eval()
         self.pad_id, self.batch_rows, self.device = pad_id, batch_rows, device
 

@@ -102,7 +102,7 @@ def test_full_fine_tuning_uses_reference_logps_computed_once_before_training(
     tokenizer = AutoTokenizer.from_pretrained(tiny_model)
     pairs = _pairs(tokenizer)
     pad = pad_token_id(tokenizer)
-    scorer = ReferenceScorer(str(tiny_model), "float32", pad, batch_rows=2)
+    scorer = ReferenceScorer(str(tiny_model), torch.float32, pad, batch_rows=2)
     scored = scorer({"input_ids": [p[0] for p in pairs], "prompt_len": [p[1] for p in pairs],
                      "rejected_ids": [p[2] for p in pairs]})
     assert math.isnan(scored["ref_chosen"][2])  # the SFT row has no reference
