@@ -348,7 +348,9 @@ def format_summary(summary: dict[str, Any]) -> str:
         keys = keys if isinstance(keys, tuple) else (keys,)
         if all(metrics.get(k) is not None for k in keys):
             lines.append(f"  {label}: {' / '.join(_fmt(metrics[k]) for k in keys)}")
-    rounds = [k.split(".")[1] for k in metrics if re.fullmatch(r"evaluate\.round\d+\.harmless_rate", k)]
+    rounds = sorted((k.split(".")[1] for k in metrics
+                     if re.fullmatch(r"evaluate\.round\d+\.harmless_rate", k)),
+                    key=lambda name: int(name.removeprefix("round")))  # round2 before round10
     if rounds:  # rounds > 1: what each round's model does, the last one being "aligned"
         rows = ["base", *rounds, "aligned"]
         lines.append("  by round, harmless rate (judge) / helpful answer rate: " + ", ".join(

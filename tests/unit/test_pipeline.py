@@ -92,6 +92,17 @@ def test_the_summary_counts_every_stages_engine_pools(tmp_path):
     assert "engine pools started (this run's stages): 3" in format_summary(summary)
 
 
+def test_the_summary_lists_rounds_in_their_order_past_nine():
+    from ray_align.pipeline import format_summary
+
+    metrics = {f"evaluate.{row}.harmless_rate": 0.5 for row in
+               ("base", "round1", "round10", "round2", "aligned")}  # a manifest's sorted keys
+    line = next(line for line in format_summary({"run_dir": "r", "stages": {}, "metrics": metrics})
+                .splitlines() if "by round" in line)
+    assert [part.split()[0] for part in line.split(": ", 1)[1].split(", ")] == [
+        "base", "round1", "round2", "round10", "aligned"]
+
+
 def test_node_local_run_dir_is_refused_on_a_multi_node_cluster(tmp_path):
     from ray_align.pipeline import check_shared_storage
 
