@@ -384,7 +384,11 @@ def _run_command(args, cluster: dict[str, str | None]) -> int:
     config = _load(args)
     _resolve_paths(config)
     if args.command == "check":
+        from ray_align.stages.train import check_warnings
+
         print(config.model_dump_json(indent=2))
+        for line in check_warnings(config):
+            print(f"ray-align: warning: {line}", file=sys.stderr, flush=True)
         return 0
     cluster["address"] = _ray_address(args, config)
     address = cluster["address"]

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 from importlib.util import find_spec
 from pathlib import Path
@@ -37,11 +38,15 @@ class _Strict(BaseModel):
     # Fields that say how a stage is executed, not what it computes: changing one resumes or
     # skips a stage, never redoes it.
     EXECUTION: ClassVar[frozenset[str]] = frozenset()
+    # Optional fields added after run directories already recorded identities: left out while
+    # unset, so that upgrading redoes no finished stage.
+    LEFT_OUT_WHEN_NONE: ClassVar[frozenset[str]] = frozenset()
 
     def identity(self) -> dict[str, Any]:
         """The fields that can change a stage's output (everything but ``EXECUTION``)."""
         return {name: identity_of(getattr(self, name))
-                for name in type(self).model_fields if name not in self.EXECUTION}
+                for name in type(self).model_fields if name not in self.EXECUTION
+                and not (name in self.LEFT_OUT_WHEN_NONE and getattr(self, name) is None)}
 
 
 def identity_of(value: Any) -> Any:
@@ -109,6 +114,28 @@ OUTPUT_ENGINE_KWARGS = frozenset({
     "generation_config", "override_generation_config", "logits_processors"})
 
 
+VLLM_GPU_MEMORY_UTILIZATION = 0.92  # vLLM 0.32's default (vllm/config/cache.py)
+SHARED_GPU_MEMORY = 0.95  # most of a GPU's memory the engines sharing it may claim together
+
+
+def check_shared_gpu_memory(gpus_per_engine: float, engine_kwargs: dict[str, Any]) -> None:
+    """Engines sharing a GPU (``gpus_per_engine`` < 1) must claim less than all of its memory
+    together: each vLLM engine takes ``gpu_memory_utilization`` of the whole GPU."""
+    per_gpu = math.floor(1 / gpus_per_engine + 1e-9)  # the engines Ray packs onto one GPU
+    if per_gpu < 2:
+        return
+    share = engine_kwargs.get("gpu_memory_utilization", VLLM_GPU_MEMORY_UTILIZATION)
+    if not isinstance(share, int | float) or per_gpu * share <= SHARED_GPU_MEMORY:
+        return
+    most = math.floor(SHARED_GPU_MEMORY / per_gpu * 100) / 100
+    shown = ("unset: vLLM's default " if "gpu_memory_utilization" not in engine_kwargs else "") + f"{share:g}"
+    raise ValueError(
+        f"gpus_per_engine={gpus_per_engine:g} puts {per_gpu} engines on each GPU, and each takes "
+        f"engine_kwargs.gpu_memory_utilization ({shown}) of its memory: {per_gpu} x {share:g} > "
+        f"{SHARED_GPU_MEMORY}, so they run out of memory. Set engine_kwargs.gpu_memory_utilization "
+        f"to at most {most:g}, or gpus_per_engine: 1")
+
+
 class EngineConfig(_Strict):
     """vLLM engines in Ray actors, through ``ray.data.llm``: how generation is executed. Only
     ``engine_kwargs`` that change outputs (``OUTPUT_ENGINE_KWARGS``) enter a stage's identity."""
@@ -118,8 +145,12 @@ class EngineConfig(_Strict):
     max_concurrent_batches: int = Field(4, ge=1, description="Batches in flight per engine.")
     cpus_per_engine: float = Field(1, ge=0, description="CPUs per engine (per tensor-parallel rank).")
     gpus_per_engine: float = Field(
-        0, ge=0, description="GPUs per engine (per tensor-parallel rank); 0: CPU engines.")
-    tensor_parallel_size: int = Field(1, ge=1, description="Ranks (GPUs) one engine spans.")
+        0, ge=0, description="GPUs per tensor-parallel rank of an engine (one vLLM worker "
+        "uses one GPU, so at most 1: an engine over N GPUs is tensor_parallel_size N with 1 here); "
+        "a fraction puts several engines on one GPU, each limited by engine_kwargs."
+        "gpu_memory_utilization (their sum at most 0.95); 0: CPU engines.")
+    tensor_parallel_size: int = Field(
+        1, ge=1, description="Ranks (GPUs) one engine spans, placed on one node (STRICT_PACK).")
     engine_kwargs: dict[str, Any] = Field(default_factory=dict, description="Passed to vLLM.")
     env: dict[str, str] = Field(default_factory=dict, description="Env vars for engine actors.")
     shard_rows: int = Field(64, ge=1, description="Rows per output file: the unit of resume.")
@@ -136,6 +167,10 @@ class EngineConfig(_Strict):
         "analyze, baselines, the base model's evaluation, an LLM judge) as a Ray Serve LLM "
         "application, instead of starting engines per stage. Default: on for GPU engines, off on "
         "CPU, where a Serve deployment starts slower than the engine starts it saves.")
+    request_timeout_s: float | None = Field(
+        None, gt=0, description="With shared pools: seconds a request may wait for its reply "
+        "before it counts as failed (not saved; a rerun retries it). Default: 300 + "
+        "max_tokens / 0.5, enough for a slow CPU engine's full batch.")
     keep_during_training: bool = Field(
         False, description="With shared pools: keep them up while the train stage runs (a cluster "
         "with separate generation nodes); off frees their CPUs and GPUs for training.")
@@ -148,6 +183,24 @@ class EngineConfig(_Strict):
             return {k: ("1" if v else "0") if isinstance(v, bool) else
                     str(v) if isinstance(v, int | float) else v for k, v in value.items()}
         return value
+
+    @field_validator("gpus_per_engine")
+    @classmethod
+    def _one_gpu_per_rank(cls, value: float) -> float:
+        if value > 1:  # vllm/v1/executor/ray_utils.py refuses such a placement bundle
+            raise ValueError(
+                f"{value:g} GPUs per tensor-parallel rank: one vLLM worker uses one GPU, so more "
+                "are refused (vLLM: 'Placement group bundle cannot have more than 1 GPU') or left "
+                "idle; at most 1. For an engine over N GPUs set tensor_parallel_size: N and "
+                "gpus_per_engine: 1")
+        return value
+
+    @model_validator(mode="after")
+    def _engines_fit_their_gpus(self) -> EngineConfig:
+        # vLLM starts engines that do not fit and they fail later, out of memory, one per GPU
+        if 0 < self.gpus_per_engine < 1:
+            check_shared_gpu_memory(self.gpus_per_engine, self.engine_kwargs)
+        return self
 
     @property
     def adapters_on_base(self) -> bool:
@@ -185,6 +238,13 @@ class AnalyzeConfig(_Strict):
     )
     sampling: SamplingConfig = Field(SamplingConfig(max_tokens=256, temperature=0.7),
                                      description="Sampling of the analyses.")
+    engine: EngineConfig | None = Field(
+        None, description="Engines of the critic's generations (pool, gpus_per_engine, "
+        "tensor_parallel_size, engine_kwargs...), e.g. a 70B critic on tensor_parallel_size 8 "
+        "beside a policy on 1; null: the top-level engine section. Its pool is shared across "
+        "stages only when the top-level engine's pools are too (share_across_stages).")
+
+    LEFT_OUT_WHEN_NONE: ClassVar[frozenset[str]] = frozenset({"engine"})
 
 
 class BuildConfig(_Strict):
@@ -320,6 +380,13 @@ class JudgeConfig(_Strict):
                                      description="kind llm: sampling of the verdicts.")
     http: HttpJudgeConfig | None = Field(
         None, description="kind http: url, model, api_key_env, concurrency, max_retries, qps...")
+    engine: EngineConfig | None = Field(
+        None, description="kind llm: engines of the judge's generations (pool, gpus_per_engine, "
+        "tensor_parallel_size, engine_kwargs...), e.g. a 70B judge on tensor_parallel_size 8 "
+        "beside a policy on 1; null: the top-level engine section. Its pool is shared across "
+        "stages only when the top-level engine's pools are too (share_across_stages).")
+
+    LEFT_OUT_WHEN_NONE: ClassVar[frozenset[str]] = frozenset({"engine"})
 
     @model_validator(mode="after")
     def _kind_settings(self) -> JudgeConfig:
@@ -519,6 +586,16 @@ class Config(_Strict):
     @property
     def critic(self) -> ModelConfig:
         return self.analyze.critic or self.model
+
+    @property
+    def critic_engine(self) -> EngineConfig:
+        """The engines the analyses are generated on (``analyze.engine``, else ``engine``)."""
+        return self.analyze.engine or self.engine
+
+    @property
+    def judge_engine(self) -> EngineConfig:
+        """The engines an LLM judge runs on (``judge.engine``, else ``engine``)."""
+        return self.judge.engine or self.engine
 
     def stage_identity(self, *sections: str) -> dict[str, Any]:
         """What of some (dotted) sections defines a stage's output: execution settings left out."""

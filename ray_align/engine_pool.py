@@ -26,18 +26,20 @@ from ray_align.config import EngineConfig, ModelConfig, SamplingConfig
 
 APP_PREFIX = "ray-align-"
 MODEL_ID = "model"  # the name requests use for the deployment's model
+REQUEST_TIMEOUT_BASE_S = 300.0  # a request's wait in the queue and its prefill, at most
+MIN_TOKENS_PER_S = 0.5  # the slowest decoding a live request sees (a CPU engine's batch share)
 
 
 def llm_config_fields(model: ModelConfig, engine: EngineConfig) -> dict[str, Any]:
     """The Serve LLM deployment of ``model``: the same engine arguments and placement as a
     stage's own pool; the replica actor itself takes no CPU (its engine's bundles hold them)."""
-    from ray_align.generate import engine_kwargs, placement_bundles
+    from ray_align.generate import engine_kwargs, placement_group_config
 
     low, high = engine.pool
     return {
         "model_loading_config": {"model_id": MODEL_ID, "model_source": model.path},
         "engine_kwargs": engine_kwargs(model, engine),
-        "placement_group_config": {"bundles": placement_bundles(engine)},
+        "placement_group_config": placement_group_config(engine),
         "deployment_config": {
             "autoscaling_config": {"min_replicas": low, "max_replicas": high, "initial_replicas": low,
                                    # Serve's default target never scales a batch workload up
@@ -68,15 +70,26 @@ def completion_request(row: dict, sampling: SamplingConfig) -> dict[str, Any]:
 
 
 def completion_result(row: dict) -> dict[str, Any]:
-    """A deployment's answer in the columns every generation writes. Serve returns engine errors
-    as rows (``__inference_error__``, or an ``error`` body) and no per-request timing."""
+    """A deployment's reply in ``answer_row``'s columns. A request that raised comes back
+    without calling this (ray.data.llm's ``__inference_error__`` row); an OpenAI error body
+    (``error``) is a failure too; Serve returns no per-request timing."""
+    from ray_align.generate import answer_row
+
     choices = row.get("choices") or [{}]
     usage = row.get("usage") or {}
-    error = row.get("__inference_error__") or row.get("error") or ""
-    return {"key": row["key"], "generated_text": choices[0].get("text") or "",
-            "num_input_tokens": int(usage.get("prompt_tokens") or 0),
-            "num_generated_tokens": int(usage.get("completion_tokens") or 0),
-            "error": str(error) if error else "", "engine_window": [0.0, 0.0]}
+    error = row.get("error") or ""
+    return answer_row(row["key"], choices[0].get("text"), usage.get("prompt_tokens"),
+                      usage.get("completion_tokens"), error=str(error) if error else "")
+
+
+def request_timeout_s(engine: EngineConfig, sampling: SamplingConfig) -> float:
+    """How long one request may wait for its reply from a shared pool before it is a failure
+    (retried like any other): a stuck replica must not hang the stage forever. The floor of
+    ``MIN_TOKENS_PER_S`` per request is far below any engine's decoding speed, even a
+    CPU engine's share of a full batch; ``engine.request_timeout_s`` sets it outright."""
+    if engine.request_timeout_s is not None:
+        return engine.request_timeout_s
+    return REQUEST_TIMEOUT_BASE_S + sampling.max_tokens / MIN_TOKENS_PER_S
 
 
 @dataclass
@@ -106,7 +119,8 @@ class SharedEngines:
             dtype_mapping={"CompletionRequest": CompletionRequest},
             # a map actor keeps its whole batch in flight: as many rows as a pool's own engines hold
             batch_size=engine.batch_size * engine.max_concurrent_batches,
-            concurrency=engine.pool[1], should_continue_on_error=True)
+            concurrency=engine.pool[1], should_continue_on_error=True,
+            request_timeout_s=request_timeout_s(engine, sampling))
         light = {"num_cpus": LIGHT_CPU}
         processor = build_processor(
             config, preprocess=lambda row: completion_request(row, sampling),

@@ -39,6 +39,10 @@ RESULT_SCHEMA = pa.schema(
         ("num_generated_tokens", pa.int64()),
     ]
 )
+# An answered row as the driver reads it: the result and the engine's busy window (not stored).
+ANSWER_SCHEMA = RESULT_SCHEMA.append(pa.field("engine_window", pa.list_(pa.float64())))
+INFERENCE_ERROR = "__inference_error__"  # ray.data.llm's failure column ("" on answered rows)
+ERROR_COLUMN = "error"  # a failure our postprocess found in a reply (a Serve error body)
 
 
 LIGHT_CPU = 0.1  # CPU share of the row-mapping steps around the engine
@@ -158,6 +162,17 @@ def placement_bundles(engine: EngineConfig) -> list[dict[str, float]]:
     return [dict(bundle) for _ in range(engine.tensor_parallel_size)]
 
 
+# One engine's bundles on one node: tensor-parallel ranks talk over NVLink, not the network, and
+# the Ray LLM configs' default (PACK) lets a group that does not fit on one node spread out.
+ENGINE_PLACEMENT = "STRICT_PACK"
+
+
+def placement_group_config(engine: EngineConfig) -> dict[str, Any]:
+    """The ``placement_group_config`` of ``ray.data.llm`` and of Serve's ``LLMConfig`` (both
+    validate it as Ray's ``PlacementGroupConfig``: ``bundles`` and ``strategy``)."""
+    return {"bundles": placement_bundles(engine), "strategy": ENGINE_PLACEMENT}
+
+
 def check_engine_fits(engine: EngineConfig, cluster: dict[str, float]) -> None:
     """Name what is missing before any engine starts, instead of a placement group that waits
     forever for resources the cluster does not have."""
@@ -189,7 +204,7 @@ def build_engine_processor(model: ModelConfig, engine: EngineConfig, sampling: S
         concurrency=tuple(engine.pool),
         batch_size=engine.batch_size,
         max_concurrent_batches=engine.max_concurrent_batches,
-        placement_group_config={"bundles": placement_bundles(engine)},
+        placement_group_config=placement_group_config(engine),
         runtime_env={"env_vars": dict(engine.env)} if engine.env else None,
         should_continue_on_error=True,
         log_engine_metrics=False,
@@ -207,19 +222,60 @@ def build_engine_processor(model: ModelConfig, engine: EngineConfig, sampling: S
             request["model"] = row[ADAPTER_COLUMN] or lora.base_stand_in or model.path
         return request
 
-    def postprocess(row: dict) -> dict:
-        return {
-            "key": row["key"],
-            "generated_text": row.get("generated_text") or "",
-            "num_input_tokens": int(row.get("num_input_tokens") or 0),
-            "num_generated_tokens": int(row.get("num_generated_tokens") or 0),
-            "error": str(row.get("__inference_error__") or ""),
-            "engine_window": list(engine_window(row.get("metrics"))),
-        }
-
     light = {"num_cpus": LIGHT_CPU}
-    return build_processor(config, preprocess=preprocess, postprocess=postprocess,
+    return build_processor(config, preprocess=preprocess, postprocess=engine_answer,
                            preprocess_map_kwargs=light, postprocess_map_kwargs=light)
+
+
+def answer_row(key: str, text: str | None, input_tokens: int | None, generated_tokens: int | None,
+               window: tuple[float, float] = (0.0, 0.0), error: str = "") -> dict[str, Any]:
+    """The columns every engine backend's postprocess returns for a row it was given: one
+    contract for the per-stage pools and the shared Serve pools. ``error``: a failure found in
+    the reply itself (an error body); ``split_outcomes`` reads it beside ray.data.llm's own."""
+    return {"key": key, "generated_text": text or "", "num_input_tokens": int(input_tokens or 0),
+            "num_generated_tokens": int(generated_tokens or 0), ERROR_COLUMN: error,
+            "engine_window": list(window)}
+
+
+def engine_answer(row: dict) -> dict[str, Any]:
+    """A vLLM stage's answered row in ``answer_row``'s columns. ray.data.llm calls it only for
+    rows without ``__inference_error__``: failed rows skip it (``wrap_postprocess``)."""
+    return answer_row(row["key"], row.get("generated_text"), row.get("num_input_tokens"),
+                      row.get("num_generated_tokens"), engine_window(row.get("metrics")))
+
+
+def failure_texts(batch: pa.Table) -> pa.ChunkedArray:
+    """Per row, why it failed ("" when answered). ray.data.llm 2.60 puts ``__inference_error__``
+    on every row (failed rows come back as its raw data, without our postprocess's columns);
+    an error body our postprocess found is in ``error``; an answered row without text failed
+    too (it must never be stored as an empty answer)."""
+    if INFERENCE_ERROR not in batch.column_names:
+        raise GenerationError(
+            f"the engine stage returned no {INFERENCE_ERROR} column (columns: "
+            f"{', '.join(batch.column_names)[:200]}): ray.data.llm's row contract changed, so "
+            "failed requests cannot be told from answers; nothing of this batch was saved")
+    errors = pc.fill_null(batch.column(INFERENCE_ERROR).cast(pa.string()), "")
+    if ERROR_COLUMN in batch.column_names:
+        body = pc.fill_null(batch.column(ERROR_COLUMN).cast(pa.string()), "")
+        errors = pc.if_else(pc.not_equal(errors, ""), errors, body)
+    no_text = (pc.is_null(batch.column("generated_text")) if "generated_text" in batch.column_names
+               else pa.repeat(pa.scalar(True), batch.num_rows))
+    missing = pc.and_(pc.equal(errors, ""), no_text)
+    return pc.if_else(missing, "the engine returned no answer text for this request", errors)
+
+
+def split_outcomes(batch: pa.Table) -> tuple[pa.Table, pa.Table]:
+    """One batch of engine output, from either backend, as (answers, failures): answers in
+    ``ANSWER_SCHEMA``, failures as ``key`` and ``error``. A failed row is never an answer."""
+    errors = failure_texts(batch)
+    failed = pc.not_equal(errors, "")
+    failures = pa.table({"key": batch.column("key").filter(failed), ERROR_COLUMN: errors.filter(failed)})
+    ok = pc.invert(failed)
+    if not pc.any(ok).as_py():
+        return ANSWER_SCHEMA.empty_table(), failures
+    answers = batch.filter(ok)
+    return pa.table({name: answers.column(name).cast(kind) for name, kind in
+                     zip(ANSWER_SCHEMA.names, ANSWER_SCHEMA.types, strict=True)}), failures
 
 
 def request_seed(seed: int, key: str) -> int:
@@ -333,12 +389,11 @@ class Collected:
 
     def answers(self, batch: pa.Table) -> pa.Table:
         """Count a batch of engine output; return its answered rows in the result schema."""
-        failed = pc.fill_null(pc.not_equal(batch.column("error"), ""), False)
-        if self.first_failure is None and pc.any(failed).as_py():
-            row = pc.index(failed, True).as_py()
-            self.first_failure = (batch.column("key")[row].as_py(), batch.column("error")[row].as_py())
-        self.failed += pc.sum(failed).as_py() or 0
-        ok = batch.filter(pc.invert(failed))
+        ok, failures = split_outcomes(batch)
+        if self.first_failure is None and failures.num_rows:
+            self.first_failure = (failures.column("key")[0].as_py(),
+                                  failures.column(ERROR_COLUMN)[0].as_py())
+        self.failed += failures.num_rows
         self.tokens += pc.sum(ok.column("num_generated_tokens")).as_py() or 0
         starts = pc.list_element(ok.column("engine_window"), 0)
         ends = pc.list_element(ok.column("engine_window"), 1)
@@ -346,7 +401,7 @@ class Collected:
         if pc.any(timed).as_py():
             self.windows.append((pc.min(starts.filter(timed)).as_py(),
                                  pc.max(ends.filter(timed)).as_py()))
-        return ok.select(RESULT_SCHEMA.names).cast(RESULT_SCHEMA)
+        return ok.select(RESULT_SCHEMA.names)
 
 
 def generate(

@@ -19,7 +19,7 @@ from typing import Any
 import pyarrow as pa
 
 from ray_align import console, prompts
-from ray_align.config import Config, RayConfig, identity_hash
+from ray_align.config import Config, EngineConfig, RayConfig, identity_hash
 from ray_align.engine_pool import SharedEngines
 from ray_align.storage import RunDir
 
@@ -68,6 +68,15 @@ class Context:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+    def engines_for(self, engine: EngineConfig) -> SharedEngines | None:
+        """The shared pools a generation on ``engine`` uses: none when that engine (a judge's or
+        critic's override) does not share, after releasing the held pool, whose GPUs its own
+        engines are about to need."""
+        if self.engines is not None and not engine.shared_pools:
+            self.engines.release()
+            return None
+        return self.engines
 
     def release_engines(self, for_training: bool = False) -> None:
         """Free the shared pools' CPUs and GPUs (kept during training when the config says so)."""

@@ -24,8 +24,9 @@ REQUEST_CHUNK = 65536  # requests built per make_requests call: the table, not P
 
 
 def stub_processor(model, engine, sampling, lora=None):
-    """Stands in for ``build_engine_processor``: same input blocks, same output columns, no
-    engine (answers in microseconds)."""
+    """Stands in for ``build_engine_processor``: same input blocks, same output columns (an
+    answered row's, with ray.data.llm's empty ``__inference_error__``), no engine (answers in
+    microseconds)."""
     import pyarrow as pa
 
     def answer(batch: pa.Table) -> pa.Table:
@@ -33,7 +34,7 @@ def stub_processor(model, engine, sampling, lora=None):
         return pa.table({"key": batch.column("key"), "generated_text": pa.array(["ok"] * n),
                          "num_input_tokens": pa.compute.list_value_length(batch.column("prompt_ids")),
                          "num_generated_tokens": pa.array([STUB_TOKENS] * n, pa.int64()),
-                         "error": pa.array([""] * n),
+                         "error": pa.array([""] * n), "__inference_error__": pa.array([""] * n),
                          "engine_window": pa.array([[0.0, 0.0]] * n, pa.list_(pa.float64()))})
 
     def processor(dataset):

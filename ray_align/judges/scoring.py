@@ -91,8 +91,8 @@ def _llm(ctx: Context, answers: list[dict],
     judge = cfg.judge
     keys, requests = _requests(answers, "llm")
     ctx.ensure_ray()
-    stats = generate(run, (folder, "parts"), requests, judge.model, cfg.engine,
-                     judge.sampling, desc=folder, engines=ctx.engines)
+    stats = generate(run, (folder, "parts"), requests, judge.model, cfg.judge_engine,
+                     judge.sampling, desc=folder, engines=ctx.engines_for(cfg.judge_engine))
     replies = results_by_id(run, folder, "parts")
     out = {}
     for key in keys:

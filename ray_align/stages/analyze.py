@@ -24,8 +24,8 @@ def analyze(ctx: Context) -> StageOutput:
                              [prompts.analyze_guided(r["instruction"], r["guided_response"])
                               for r in induced])
     ctx.ensure_ray()
-    stats = generate(run, ("analyze", "parts"), requests, cfg.critic, cfg.engine,
-                     cfg.analyze.sampling, desc="analyze", engines=ctx.engines)
+    stats = generate(run, ("analyze", "parts"), requests, cfg.critic, cfg.critic_engine,
+                     cfg.analyze.sampling, desc="analyze", engines=ctx.engines_for(cfg.critic_engine))
     results = results_by_id(run, "analyze", "parts")
     analysed = [{"id": row["id"], "instruction": row["instruction"], "category": row["category"],
                  "response": row["guided_response"],

@@ -40,6 +40,67 @@ def total_steps(train_cfg, train_rows: int, micro_per_epoch: int | None = None) 
     return min(steps, train_cfg.max_steps or steps)
 
 
+def estimated_total_steps(cfg) -> int | None:
+    """Optimizer steps estimated from the config alone, before any data exists: one analysis
+    per harmful prompt (``data.harmful.limit``), ``build.helpful_ratio`` helpful samples each,
+    less the validation share, one sample per row. Packed, that is an upper bound (a sequence
+    holds one sample or more). None without ``data.harmful.limit``."""
+    harmful = cfg.data.harmful.limit
+    if harmful is None:
+        return None
+    helpful = round(cfg.build.helpful_ratio * harmful)
+    if cfg.data.helpful.limit is not None:
+        helpful = min(helpful, cfg.data.helpful.limit)
+    train_rows = int((harmful + helpful) * (1 - cfg.build.val_fraction))
+    return total_steps(cfg.train, train_rows)
+
+
+def planned_steps(cfg, run=None, build_folder: str = "build") -> tuple[int, bool, str] | None:
+    """The run's optimizer steps, whether that is an upper bound (a packed estimate), and how
+    they were found: counted from ``build_folder``'s rows when ``run`` holds them, else
+    estimated from the config (``estimated_total_steps``)."""
+    if run is not None and run.exists(build_folder, "train.parquet"):
+        import pyarrow.parquet as pq
+
+        rows = pq.read_metadata(run.path(build_folder, "train.parquet"), filesystem=run.fs).num_rows
+        micro = (packed_micro_per_epoch(cfg.train, run, build_folder, cfg.max_seq_len)
+                 if cfg.train.packing else None)
+        return total_steps(cfg.train, rows, micro), False, f"counted from {build_folder}/train.parquet"
+    estimate = estimated_total_steps(cfg)
+    if estimate is None:
+        return None
+    how = ("estimated from the config: data.harmful.limit x (1 + build.helpful_ratio) rows less "
+           "build.val_fraction, one row per micro-batch slot" + ("; packing makes fewer steps"
+                                                                   if cfg.train.packing else ""))
+    return estimate, cfg.train.packing, how
+
+
+def schedule_warnings(train_cfg, steps: int, upper_bound: bool, how: str) -> list[str]:
+    """What in the learning-rate and checkpoint schedule does not fit ``steps`` optimizer
+    steps (``upper_bound``: at most that many): a warmup that never ends, a checkpoint
+    interval that saves nothing before the end."""
+    total = f"optimizer steps of training, {'at most ' if upper_bound else ''}{steps} ({how})"
+    lines = []
+    if train_cfg.warmup_steps and train_cfg.warmup_steps >= steps:
+        lines.append(f"train.warmup_steps {train_cfg.warmup_steps} >= the {total}: the learning "
+                     "rate never reaches train.lr; set a few % of the steps, or train on more data")
+    every = train_cfg.checkpoint_every_steps
+    if every is not None and every > steps:
+        lines.append(f"train.checkpoint_every_steps {every} > the {total}: no checkpoint before "
+                     "the end, a failed worker restarts from step 0; set it below the total")
+    return lines
+
+
+def check_warnings(cfg) -> list[str]:
+    """``ray-align check``'s schedule warnings: from the build's rows when a local run directory
+    holds them (a remote one is not opened by a check), else from the config."""
+    from ray_align.storage import RunDir
+
+    run = RunDir(cfg.run_dir) if "://" not in cfg.run_dir else None
+    planned = planned_steps(cfg, run)
+    return schedule_warnings(cfg.train, *planned) if planned else []
+
+
 def packed_micro_per_epoch(train_cfg, run, build_folder: str, max_seq_len: int) -> int | None:
     """Micro-batches a worker takes in a packed epoch, estimated for the progress bar: its
     share of the rows taken as a contiguous slice (Ray Data hands the shares out as it goes).
@@ -165,7 +226,10 @@ def train_model(ctx: Context, build_folder: str, folder: str, objective: str = "
         raise ValueError(f"{folder}: {train_rows} training rows for {cfg.train.num_workers} workers")
     micro_per_epoch = (packed_micro_per_epoch(cfg.train, run, build_folder, cfg.max_seq_len)
                        if cfg.train.packing else None)
-    progress = TrainProgressBar(total_steps(cfg.train, train_rows, micro_per_epoch))
+    steps = total_steps(cfg.train, train_rows, micro_per_epoch)
+    for line in schedule_warnings(cfg.train, steps, False, f"counted from {build_folder}/train.parquet"):
+        print(f"[{folder}] warning: {line}", flush=True)
+    progress = TrainProgressBar(steps)
     # the stage attempt run_stage recorded (the training benchmark calls this without one)
     attempt = (manifest(run, folder) or {}).get("attempt") or uuid.uuid4().hex[:12]
     trainer = TorchTrainer(

@@ -47,17 +47,32 @@ def test_a_row_becomes_a_completions_request_on_token_ids_with_the_stages_sampli
                                             SamplingConfig())["request_kwargs"]
 
 
-def test_answers_and_errors_come_back_in_the_columns_every_generation_writes():
+def test_answers_and_error_bodies_come_back_in_the_columns_every_generation_writes():
     ok = completion_result({"key": "r1", "choices": [{"text": "hello"}],
-                            "usage": {"prompt_tokens": 4, "completion_tokens": 2},
-                            "__inference_error__": ""})
+                            "usage": {"prompt_tokens": 4, "completion_tokens": 2}})
     assert ok == {"key": "r1", "generated_text": "hello", "num_input_tokens": 4,
                   "num_generated_tokens": 2, "error": "", "engine_window": [0.0, 0.0]}
-    # Serve returns an engine's error as a row: in the stage's error column, or as a body
-    raised = completion_result({"key": "r2", "__inference_error__": "ValueError: too long"})
+    assert ok.keys() == generation.answer_row("k", "t", 1, 1).keys()  # one row contract
+    # an OpenAI error body is a failure (a request that raised never reaches this function:
+    # ray.data.llm returns it as an __inference_error__ row, see test_generate.py)
     body = completion_result({"key": "r3", "error": {"message": "bad request", "code": 400}})
-    assert raised["error"] == "ValueError: too long" and raised["generated_text"] == ""
-    assert "bad request" in body["error"]
+    assert "bad request" in body["error"] and body["generated_text"] == ""
+
+
+def test_a_shared_pool_request_times_out_instead_of_waiting_forever():
+    from ray_align.engine_pool import request_timeout_s
+
+    sampling = SamplingConfig(max_tokens=512)
+    assert request_timeout_s(EngineConfig(), sampling) == pytest.approx(300 + 512 / 0.5)
+    assert request_timeout_s(EngineConfig(request_timeout_s=30), sampling) == 30
+    with pytest.raises(ValueError):
+        EngineConfig(request_timeout_s=0)
+    # the Serve stage gets it: without one a stuck replica hangs the stage forever
+    engines = SharedEngines()
+    engines._deploy = lambda name, fields: "deployment"
+    processor, started = engines.processor(MODEL, EngineConfig(), SamplingConfig(max_tokens=10))
+    assert started and processor.config.request_timeout_s == pytest.approx(320.0)
+    assert processor.config.should_continue_on_error
 
 
 def test_the_deployment_has_the_stage_pools_engine_and_autoscales_between_pools_bounds():
@@ -66,7 +81,7 @@ def test_the_deployment_has_the_stage_pools_engine_and_autoscales_between_pools_
     fields = llm_config_fields(MODEL, engine)
     assert fields["model_loading_config"] == {"model_id": MODEL_ID, "model_source": MODEL.path}
     assert fields["engine_kwargs"] == generation.engine_kwargs(MODEL, engine)
-    assert fields["placement_group_config"] == {"bundles": [{"CPU": 2}]}
+    assert fields["placement_group_config"] == {"bundles": [{"CPU": 2}], "strategy": "STRICT_PACK"}
     deployment = fields["deployment_config"]
     scaling = deployment["autoscaling_config"]
     assert (scaling["min_replicas"], scaling["max_replicas"], scaling["initial_replicas"]) == (1, 3, 1)

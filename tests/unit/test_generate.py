@@ -17,6 +17,7 @@ from ray_align.generate import (
     results_by_id,
 )
 from ray_align.storage import RunDir
+from tests.unit.ray_llm_rows import engine_block, vllm_answered, vllm_failed
 
 
 def test_placement_bundles_one_per_tensor_parallel_rank():
@@ -57,9 +58,10 @@ def test_steady_rate_uses_the_engines_busy_window_when_vllm_reports_it():
 
 class StubEngines:
     """Stands in for ``build_engine_processor``: maps the blocks of ``generate``'s prompt
-    dataset (a list here) to what the real postprocess returns,
-    one batch per block, and records the keys it was sent. Keys in ``fail`` come back with an
-    error, as ``should_continue_on_error`` rows do."""
+    dataset (a list here) to what the real processor returns, one batch per block, and records
+    the keys it was sent. Each row goes through ``generate``'s own postprocess under Ray's own
+    ``wrap_postprocess`` (``ray_llm_rows``): keys in ``fail`` come back as ray.data.llm 2.60
+    returns a failed request, which skips the postprocess."""
 
     def __init__(self):
         self.fail: set[str] = set()
@@ -87,14 +89,11 @@ class StubDataset:
         assert batch_size is None and batch_format == "pyarrow"
         for block in self.blocks:
             rows = []
-            for key, ids in zip(block.column("key").to_pylist(), block.column("prompt_ids").to_pylist(),
-                                strict=True):
-                failed = key in self.fail
-                rows.append({"key": key, "generated_text": "" if failed else f"answer to {key}",
-                             "num_input_tokens": len(ids), "num_generated_tokens": 0 if failed else 3,
-                             "error": f"engine died on {key}" if failed else "",
-                             "engine_window": [0.0, 0.0] if failed else [10.0 + len(rows), 12.0 + len(rows)]})
-            yield pa.Table.from_pylist(rows)
+            for i, row in enumerate(block.to_pylist()):
+                key = row["key"]
+                rows.append(vllm_failed(row, f"ValueError: engine died on {key}") if key in self.fail
+                            else vllm_answered(row, f"answer to {key}", 3, (10.0 + i, 12.0 + i)))
+            yield engine_block(rows, generation.engine_answer)
 
 
 @pytest.fixture
@@ -192,7 +191,7 @@ def test_failed_rows_are_not_saved_and_the_rerun_retries_only_them(stub, tmp_pat
         _generate(run, _requests(10))
     message = str(info.value)
     assert "test: 2 of 10 requests failed in the engine" in message
-    assert "(first: r3: engine died on r3)" in message  # the first in request order
+    assert "(first: r3: ValueError: engine died on r3)" in message  # the first in request order
     assert "8 were saved, rerun to retry the rest" in message
     saved = results_by_id(run, "gen")
     assert sorted(saved) == sorted(f"r{i}" for i in range(10) if i not in (3, 7))
@@ -215,3 +214,58 @@ def test_an_engine_the_cluster_cannot_hold_is_refused_before_it_is_built(stub, t
     monkeypatch.setattr(ray, "cluster_resources", lambda: pytest.fail("asked the cluster"))
     _generate(run, _requests(2), gpus_per_engine=1, check_resources=False)  # the autoscaler's job
     assert stub.sent == [["r0", "r1"]]
+
+
+def test_a_failed_request_in_a_mixed_block_is_never_stored_as_an_answer(stub, tmp_path):
+    # Ray Data fills the columns a failed row lacks with nulls: the failure must still show
+    run = RunDir(str(tmp_path / "run"))
+    stub.fail = {"r1", "r6"}
+    with pytest.raises(GenerationError, match=r"2 of 8 requests failed.*first: r1: ValueError"):
+        _generate(run, _requests(8), batch_size=4, shard_rows=100)
+    saved = results_by_id(run, "gen")
+    assert sorted(saved) == ["r0", "r2", "r3", "r4", "r5", "r7"]
+    assert all(r["generated_text"] == f"answer to {k}" for k, r in saved.items())
+
+
+def test_outcomes_of_both_backends_split_into_answers_and_failures():
+    from ray_align.engine_pool import completion_result
+    from ray_align.generate import ANSWER_SCHEMA, engine_answer, split_outcomes
+    from tests.unit.ray_llm_rows import serve_failed, serve_replied
+
+    rows = [{"key": k, "prompt_ids": [1, 2]} for k in ("a", "b", "c", "d")]
+    vllm = engine_block([vllm_answered(rows[0], "fine", 2, (1.0, 2.0)),
+                         vllm_failed(rows[1], "ValueError: prompt too long"),
+                         vllm_answered(rows[2], "", 1)], engine_answer)  # an empty answer is one
+    answers, failures = split_outcomes(vllm)
+    assert answers.schema == ANSWER_SCHEMA and answers.column("key").to_pylist() == ["a", "c"]
+    assert failures.to_pylist() == [{"key": "b", "error": "ValueError: prompt too long"}]
+
+    serve = engine_block([serve_replied(rows[0], {"choices": [{"text": "ok"}],
+                                                  "usage": {"prompt_tokens": 2, "completion_tokens": 1}}),
+                          serve_failed(rows[1], "TimeoutError: Request timed out after 9s"),
+                          serve_replied(rows[2], {"error": {"message": "bad request", "code": 400}}),
+                          serve_replied(rows[3], {"choices": [{"text": "yes"}]})], completion_result)
+    answers, failures = split_outcomes(serve)
+    assert answers.column("key").to_pylist() == ["a", "d"]
+    assert answers.column("generated_text").to_pylist() == ["ok", "yes"]
+    assert failures.column("key").to_pylist() == ["b", "c"]
+    assert "timed out" in failures.column("error")[0].as_py()
+    assert "bad request" in failures.column("error")[1].as_py()
+
+    # a block in which every request failed has none of our columns at all
+    answers, failures = split_outcomes(engine_block([vllm_failed(r, "boom") for r in rows], engine_answer))
+    assert answers.num_rows == 0 and answers.schema == ANSWER_SCHEMA and failures.num_rows == 4
+
+
+def test_engine_output_without_the_error_column_is_refused_not_trusted():
+    from ray_align.generate import split_outcomes
+
+    batch = pa.table({"key": ["a"], "generated_text": [""], "num_input_tokens": [1],
+                      "num_generated_tokens": [0], "engine_window": [[0.0, 0.0]]})
+    with pytest.raises(GenerationError, match="no __inference_error__ column"):
+        split_outcomes(batch)
+    # an "answered" row with no text at all is a failure too, never an empty answer
+    batch = batch.append_column("__inference_error__", pa.array([""])).set_column(
+        1, "generated_text", pa.array([None], pa.string()))
+    answers, failures = split_outcomes(batch)
+    assert answers.num_rows == 0 and "no answer text" in failures.column("error")[0].as_py()

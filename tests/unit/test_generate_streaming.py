@@ -21,6 +21,7 @@ from ray_align.generate import (
     tokenize_block,
 )
 from ray_align.tokenization import chat_prompt_ids, load_tokenizer
+from tests.unit.ray_llm_rows import engine_block, vllm_answered, vllm_failed
 
 CONVERSATIONS = [
     [{"role": "user", "content": "Why is the sky blue?"}],
@@ -91,16 +92,15 @@ def test_a_remote_code_tokenizer_is_loaded_in_the_worker(smol, monkeypatch):
 
 
 def _batch(keys, errors, tokens, windows) -> pa.Table:
-    return pa.table({"key": keys, "generated_text": [f"t{k}" for k in keys],
-                     "num_input_tokens": pa.array([5] * len(keys), pa.int64()),
-                     "num_generated_tokens": pa.array(tokens, pa.int64()),
-                     "error": pa.array(errors, pa.string()),
-                     "engine_window": pa.array(windows, pa.list_(pa.float64()))})
+    """Engine output as ray.data.llm returns it: failed rows (an error) skip the postprocess."""
+    rows = [vllm_failed({"key": k}, e) if e else vllm_answered({"key": k}, f"t{k}", n, tuple(w))
+            for k, e, n, w in zip(keys, errors, tokens, windows, strict=True)]
+    return engine_block(rows, generation.engine_answer)
 
 
 def test_collected_counts_answers_failures_and_the_busy_window():
     collected = Collected()
-    first = collected.answers(_batch(["a", "b", "c"], ["", "boom b", None], [3, 0, 4],
+    first = collected.answers(_batch(["a", "b", "c"], ["", "boom b", ""], [3, 0, 4],
                                      [[10.0, 12.0], [0.0, 0.0], [11.0, 15.0]]))
     assert first.schema == RESULT_SCHEMA and first.column("key").to_pylist() == ["a", "c"]
     second = collected.answers(_batch(["d", "e"], ["", "boom e"], [2, 0], [[0.0, 0.0], [9.0, 30.0]]))
