@@ -268,7 +268,8 @@ class TrainConfig(_Strict):
     # Same optimizer steps on the same batches either way (the ZeRO stage and offloading stay
     # in the identity: they decide the layout of the checkpoints a resume reads).
     EXECUTION: ClassVar[frozenset[str]] = frozenset({
-        "cpus_per_worker", "max_failures", "checkpoint_every_steps", "gradient_checkpointing"})
+        "cpus_per_worker", "max_failures", "checkpoint_every_steps", "gradient_checkpointing",
+        "check_resources"})
 
     num_workers: int = Field(2, ge=1, description="Ray Train workers (data-parallel ranks).")
     use_gpu: bool = Field(False, description="One GPU per worker.")
@@ -292,6 +293,9 @@ class TrainConfig(_Strict):
     )
     max_failures: int = Field(0, ge=-1, description="Worker restarts allowed (Ray FailureConfig).")
     lora: LoraConfig | None = Field(None, description="LoRA adapters; null fine-tunes every weight.")
+    check_resources: bool = Field(
+        True, description="Refuse to start when the cluster cannot hold the training workers; "
+        "turn off when the autoscaler adds such nodes on demand (GPU nodes from 0).")
     seed: int = Field(0, description="Seed of the initialisation and the order of micro-batches.")
     packing: bool = Field(
         True, description="Pack samples into sequences of up to build.max_seq_len (default "

@@ -213,7 +213,8 @@ def train_model(ctx: Context, build_folder: str, folder: str, objective: str = "
         cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"packing": False})})
     ctx.ensure_ray()
     ctx.release_engines(for_training=True)
-    check_resources(cfg.train, ray.cluster_resources())
+    if cfg.train.check_resources:
+        check_resources(cfg.train, ray.cluster_resources())
     # Token ids are small: read them before the workers take the CPUs, so feeding the workers
     # needs no further tasks (a read waiting for a CPU the workers hold would wait forever).
     columns = TRAIN_COLUMNS if objective == "sft" else PAIR_COLUMNS

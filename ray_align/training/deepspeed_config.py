@@ -14,8 +14,11 @@ def deepspeed_config(train: TrainConfig, world_size: int) -> dict[str, Any]:
     """
     zero: dict[str, Any] = {"stage": train.zero_stage}
     if train.zero_stage >= 2:
-        zero.update(overlap_comm=False, contiguous_gradients=True,
-                    reduce_bucket_size=5e7, allgather_bucket_size=5e7)
+        zero.update(contiguous_gradients=True, reduce_bucket_size=5e7, allgather_bucket_size=5e7)
+        if not train.use_gpu:
+            # gloo has no separate communication stream to overlap with; on GPU DeepSpeed's own
+            # default stays (on for ZeRO-3): off would serialize reduce-scatter with backward
+            zero["overlap_comm"] = False
     if train.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": train.use_gpu}
     if train.offload_params:

@@ -74,3 +74,32 @@ def test_data_order_is_preserved_for_training_only(ctx, monkeypatch):
     shards = trainers[0]["dataset_config"]
     for split in ("train", "validation"):  # what Ray Train sets on each dataset it shards
         assert shards._resolve_execution_options(split).preserve_order is True
+
+
+def test_the_gpu_check_can_be_left_to_the_autoscaler(ctx, monkeypatch):
+    """GPU nodes from 0 (the shipped autoscaling clusters): a run that starts at train must not
+    be refused for GPUs the autoscaler has not added yet."""
+    import pytest
+    import ray
+    import ray.data
+    import ray.train.torch
+
+    import ray_align.training.progress
+
+    class FakeTrainer:
+        def __init__(self, loop, **kwargs) -> None:
+            pass
+
+        def fit(self):
+            ctx.run.write_json({}, "train", "model", "config.json")
+            return SimpleNamespace(error=None, metrics={"global_step": 4})
+
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 8})  # no GPU node yet
+    monkeypatch.setattr(ray.data, "read_parquet", lambda uri, columns: FakeDataset())
+    monkeypatch.setattr(ray.train.torch, "TorchTrainer", FakeTrainer)
+    monkeypatch.setattr(ray_align.training.progress, "TrainProgressBar", FakeBar)
+    ctx.config.train.use_gpu = True
+    with pytest.raises(ValueError, match="GPU workers but the cluster has 0 GPUs"):
+        train_stage.train(ctx)
+    ctx.config.train.check_resources = False
+    assert train_stage.train(ctx).metrics == {"global_step": 4}

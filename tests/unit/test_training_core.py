@@ -134,3 +134,13 @@ def test_ranks_with_epochs_of_unequal_length_all_stop_at_the_shortest(tmp_path):
     the longer one waits forever in the gradient all-reduce."""
     assert on_ranks(tmp_path, _steps_taken, [5, 3, 4]) == {0: 3, 1: 3, 2: 3}
     assert len(list(while_every_rank_has_one(range(4)))) == 4  # no process group: all of them
+
+
+def test_overlap_comm_is_deepspeeds_default_on_gpu_and_off_on_gloo():
+    """Forced off it serializes ZeRO's reduce-scatter with backward on NCCL; gloo has no
+    communication stream to overlap with."""
+    for stage in (2, 3):
+        assert "overlap_comm" not in deepspeed_config(TrainConfig(zero_stage=stage, use_gpu=True),
+                                                      2)["zero_optimization"]
+        on_gloo = deepspeed_config(TrainConfig(zero_stage=stage), 2)["zero_optimization"]
+        assert on_gloo["overlap_comm"] is False
