@@ -269,7 +269,7 @@ class TrainConfig(_Strict):
     # in the identity: they decide the layout of the checkpoints a resume reads).
     EXECUTION: ClassVar[frozenset[str]] = frozenset({
         "cpus_per_worker", "max_failures", "checkpoint_every_steps", "gradient_checkpointing",
-        "check_resources"})
+        "check_resources", "attn_implementation"})
 
     num_workers: int = Field(2, ge=1, description="Ray Train workers (data-parallel ranks).")
     use_gpu: bool = Field(False, description="One GPU per worker.")
@@ -293,6 +293,10 @@ class TrainConfig(_Strict):
     )
     max_failures: int = Field(0, ge=-1, description="Worker restarts allowed (Ray FailureConfig).")
     lora: LoraConfig | None = Field(None, description="LoRA adapters; null fine-tunes every weight.")
+    attn_implementation: Literal["auto", "flash_attention_2", "sdpa", "eager"] = Field(
+        "auto", description="Attention kernel of training: auto picks flash_attention_2 on GPU "
+        "workers where flash-attn is installed (pip install 'ray_align[flash]'; packed sequences "
+        "are then laid out flat, without padding), else sdpa.")
     check_resources: bool = Field(
         True, description="Refuse to start when the cluster cannot hold the training workers; "
         "turn off when the autoscaler adds such nodes on demand (GPU nodes from 0).")

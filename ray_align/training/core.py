@@ -193,6 +193,18 @@ def _rows_of(batch: dict[str, Any]) -> tuple[list[tuple], Callable[..., dict[str
                      strict=True)), collate_pairs)
 
 
+def attention_implementation(choice: str, use_gpu: bool) -> str:
+    """The attention kernel ``train.attn_implementation`` names; ``auto``: flash-attention 2 on
+    a GPU worker that has it (transformers never picks it itself: it defaults to sdpa), so
+    packed sequences reach its padding-free varlen layout; sdpa elsewhere."""
+    if choice != "auto":
+        return choice
+    from importlib.util import find_spec
+
+    flash = use_gpu and torch.cuda.is_available() and find_spec("flash_attn") is not None
+    return "flash_attention_2" if flash else "sdpa"
+
+
 def load_model(
     path: str,
     *,
@@ -200,12 +212,15 @@ def load_model(
     trust_remote_code: bool = False,
     lora: LoraConfig | None = None,
     gradient_checkpointing: bool = False,
+    attn_implementation: str | None = None,
 ):
-    """A causal LM ready to train: safetensors weights only, LoRA adapters when asked."""
+    """A causal LM ready to train: safetensors weights only, LoRA adapters when asked, the
+    given attention kernel (None: transformers' default)."""
     from transformers import AutoModelForCausalLM
 
+    kernel = {"attn_implementation": attn_implementation} if attn_implementation else {}
     model = AutoModelForCausalLM.from_pretrained(
-        path, dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=True
+        path, dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=True, **kernel
     )
     model.config.use_cache = False
     if gradient_checkpointing:

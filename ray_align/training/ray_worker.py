@@ -28,6 +28,7 @@ from ray_align.tracking import training_scalars
 from ray_align.training.core import (
     StepMeter,
     adapter_state_dict,
+    attention_implementation,
     deepspeed_engine,
     eval_loss,
     export_dtype,
@@ -136,7 +137,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     pad_id = pad_token_id(tokenizer)
     dtype = training_dtype(train)
     model = load_model(model_cfg.path, dtype=dtype, trust_remote_code=model_cfg.trust_remote_code,
-                       lora=train.lora, gradient_checkpointing=train.gradient_checkpointing)
+                       lora=train.lora, gradient_checkpointing=train.gradient_checkpointing,
+                       attn_implementation=attention_implementation(train.attn_implementation,
+                                                                    train.use_gpu))
     engine = deepspeed_engine(model, train, world)
     objective = objective_from(loop_config.get("objective"))  # None: the language-model loss
     # packing: sequences of up to the build's max_seq_len, laid out flat for flash-attention

@@ -144,3 +144,23 @@ def test_overlap_comm_is_deepspeeds_default_on_gpu_and_off_on_gloo():
                                                       2)["zero_optimization"]
         on_gloo = deepspeed_config(TrainConfig(zero_stage=stage), 2)["zero_optimization"]
         assert on_gloo["overlap_comm"] is False
+
+
+def test_auto_attention_is_flash_attention_on_gpu_workers_that_have_it_else_sdpa(monkeypatch,
+                                                                                  tiny_model):
+    import importlib.util
+
+    from ray_align.training.core import attention_implementation, load_model, uses_varlen_attention
+
+    assert attention_implementation("auto", use_gpu=False) == "sdpa"
+    assert attention_implementation("eager", use_gpu=False) == "eager"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    found = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: object() if name == "flash_attn" else found(name, *a))
+    assert attention_implementation("auto", use_gpu=True) == "flash_attention_2"
+    assert attention_implementation("auto", use_gpu=False) == "sdpa"
+    monkeypatch.undo()
+    # the choice reaches the model (transformers itself would pick sdpa)
+    model = load_model(str(tiny_model), attn_implementation="eager")
+    assert model.config._attn_implementation == "eager" and not uses_varlen_attention(model)
