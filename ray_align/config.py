@@ -269,7 +269,7 @@ class TrainConfig(_Strict):
     # in the identity: they decide the layout of the checkpoints a resume reads).
     EXECUTION: ClassVar[frozenset[str]] = frozenset({
         "cpus_per_worker", "max_failures", "checkpoint_every_steps", "gradient_checkpointing",
-        "check_resources", "attn_implementation"})
+        "check_resources", "attn_implementation", "scratch_dir"})
 
     num_workers: int = Field(2, ge=1, description="Ray Train workers (data-parallel ranks).")
     use_gpu: bool = Field(False, description="One GPU per worker.")
@@ -300,6 +300,10 @@ class TrainConfig(_Strict):
     check_resources: bool = Field(
         True, description="Refuse to start when the cluster cannot hold the training workers; "
         "turn off when the autoscaler adds such nodes on demand (GPU nodes from 0).")
+    scratch_dir: str | None = Field(
+        None, description="Local folder of every training worker where checkpoints and the "
+        "export are staged before upload and a restored checkpoint's files land (~14 GB per "
+        "rank at 8B under ZeRO-3): a large local disk; default the system temp dir.")
     seed: int = Field(0, description="Seed of the initialisation and the order of micro-batches.")
     packing: bool = Field(
         True, description="Pack samples into sequences of up to build.max_seq_len (default "

@@ -13,6 +13,7 @@ import contextlib
 import hashlib
 import json
 import os
+import shutil
 import uuid
 from collections.abc import Callable
 from datetime import timedelta
@@ -42,6 +43,16 @@ class RunDir:
             # pyarrow's default retries a GCS call without usable credentials for many minutes
             self.fs = pafs.GcsFileSystem(retry_time_limit=timedelta(seconds=GCS_RETRY_S))
         self.is_local = isinstance(self.fs, pafs.LocalFileSystem)
+
+    @classmethod
+    def on(cls, fs: pafs.FileSystem, root: str) -> RunDir:
+        """A folder given as a filesystem and a path in it (what Ray Train's checkpoints hold),
+        for an object store whose URI would lose the filesystem's own settings."""
+        run = cls.__new__(cls)
+        run.fs, run.root = fs, root.rstrip("/")
+        run.uri = f"{fs.type_name}://{run.root}" if fs.type_name != "local" else run.root
+        run.is_local = isinstance(fs, pafs.LocalFileSystem)
+        return run
 
     def path(self, *parts: str) -> str:
         return "/".join([self.root, *parts])
@@ -208,8 +219,10 @@ def is_remote(path: str) -> bool:
 def local_model_path(path: str, *, tokenizer_only: bool = False) -> str:
     """A local folder holding a model kept on object storage (``s3://``, ``gs://``): transformers
     reads only local folders and hub names. Downloaded once per machine into
-    ``~/.cache/ray_align/models/``, keyed by the files' names, sizes and times, so a model
-    exported again to the same URI is downloaded again. Local paths and hub names pass through."""
+    ``~/.cache/ray_align/models/`` (``$RAY_ALIGN_CACHE``), keyed by the URI and the files' names,
+    sizes and times, so a model exported again to the same URI is downloaded again. Every worker
+    of a node asks at once (the DPO reference, rounds after the first): one downloads behind a
+    file lock, the others wait for it and read its copy. Local paths and hub names pass through."""
     if not is_remote(path):
         return path
     remote = RunDir(path)
@@ -227,15 +240,32 @@ def local_model_path(path: str, *, tokenizer_only: bool = False) -> str:
         key.update(f"{item.path}\0{item.size}\0{item.mtime_ns}\0".encode())
     cache = Path(os.environ.get("RAY_ALIGN_CACHE", "~/.cache/ray_align")).expanduser() / "models"
     target = cache / f"{key.hexdigest()[:20]}{'-tokenizer' if tokenizer_only else ''}"
-    if (target / "config.json").exists():
-        return str(target)
-    staging = cache / f".{target.name}.{uuid.uuid4().hex[:8]}"
     names = {i.path[len(remote.root) + 1:] for i in wanted}
-    remote.download_dir(to=staging, only=names.__contains__)
-    try:
-        os.rename(staging, target)  # a local cache folder, not the run directory
-    except OSError:  # another process of this machine finished first
-        import shutil
-
-        shutil.rmtree(staging, ignore_errors=True)
+    download_once(target, lambda staging: remote.download_dir(to=staging, only=names.__contains__))
     return str(target)
+
+
+COMPLETE_MARKER = ".complete"
+
+
+def download_once(target: Path, download: Callable[[Path], None]) -> None:
+    """Fill the local folder ``target`` with ``download(staging)`` unless a finished copy is
+    there, once per machine: processes (and threads) asking at the same time wait on a file
+    lock for the one downloading. The files land in a staging folder renamed into place, then
+    a marker says the copy is complete; a folder without it (a download killed half way) is
+    removed and downloaded again, never used."""
+    from filelock import FileLock
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if (target / COMPLETE_MARKER).exists():
+        return
+    with FileLock(str(target.parent / f".{target.name}.lock")):
+        if (target / COMPLETE_MARKER).exists():  # done while this one waited
+            return
+        staging = target.parent / f".{target.name}.partial"
+        for leftover in (staging, target):  # of a killed download: the lock says nobody uses it
+            shutil.rmtree(leftover, ignore_errors=True)
+        staging.mkdir()
+        download(staging)
+        os.rename(staging, target)  # a local cache folder, not the run directory
+        (target / COMPLETE_MARKER).touch()

@@ -205,6 +205,27 @@ def attention_implementation(choice: str, use_gpu: bool) -> str:
     return "flash_attention_2" if flash else "sdpa"
 
 
+@contextlib.contextmanager
+def partitioned_loading(ds_config: dict[str, Any]) -> Iterator[None]:
+    """While open, ``from_pretrained`` builds a ZeRO-3 model already partitioned over the ranks
+    (``deepspeed.zero.Init``): without it every rank holds a whole copy in host memory first
+    (70B in bf16 is 140 GB per rank). transformers reads the config through a weak reference
+    to an ``HfDeepSpeedConfig``, so it is held here; closed, it is released, or a later plain
+    load (rank 0's export of the base model) would run ZeRO-3 collectives alone and hang."""
+    if ds_config["zero_optimization"]["stage"] != 3:
+        yield
+        return
+    from transformers.integrations import HfDeepSpeedConfig
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    held = HfDeepSpeedConfig(ds_config)
+    try:
+        yield
+    finally:
+        unset_hf_deepspeed_config()
+        del held
+
+
 def load_model(
     path: str,
     *,

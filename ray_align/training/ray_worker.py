@@ -13,12 +13,15 @@ import contextlib
 import json
 import math
 import os
+import re
 import tempfile
 import time
 import uuid
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import pyarrow.fs as pafs
 import torch
 
 from ray_align.config import ModelConfig, TrainConfig
@@ -38,6 +41,7 @@ from ray_align.training.core import (
     load_model,
     mean_over_ranks,
     micro_batches,
+    partitioned_loading,
     real_tokens,
     save_adapter,
     train_step,
@@ -45,22 +49,26 @@ from ray_align.training.core import (
     uses_varlen_attention,
     while_every_rank_has_one,
 )
+from ray_align.training.deepspeed_config import deepspeed_config
 from ray_align.training.preference import objective_from
 
 PROGRESS_FILE = "progress.json"
 LENGTH_GROUP_WINDOW = 16  # micro-batches sorted together by length (less padding)
 
 
-def restore(engine, checkpoint) -> dict[str, int]:
+def restore(engine, checkpoint, *, rank: int = 0, scratch: str | None = None,
+            frozen_excluded: bool = False) -> dict[str, int]:
     """Load the DeepSpeed state and data position of a Ray Train checkpoint (None: a fresh
-    start). A checkpoint with any part unreadable is an error naming it, never half-used."""
+    start). A checkpoint with any part unreadable is an error naming it, never half-used.
+    ``frozen_excluded`` (LoRA): the checkpoint holds only the trainable weights, the frozen base
+    comes from the model as loaded."""
     if checkpoint is None:
         return {"epoch": 0, "batches_done": 0, "global_step": 0, "tokens": 0}
-    with checkpoint.as_directory() as folder:
+    with checkpoint_files(checkpoint, rank, scratch) as folder:
         try:
             if not os.path.isdir(os.path.join(folder, "state")):  # DeepSpeed asserts with no text
                 raise FileNotFoundError("no DeepSpeed state folder in it")
-            engine.load_checkpoint(folder, tag="state")
+            engine.load_checkpoint(folder, tag="state", load_module_strict=not frozen_excluded)
             with open(os.path.join(folder, PROGRESS_FILE)) as src:
                 progress = json.load(src)
         except Exception as exc:  # noqa: BLE001 - any unreadable part makes the whole unusable
@@ -73,19 +81,70 @@ def restore(engine, checkpoint) -> dict[str, int]:
     return progress
 
 
+# DeepSpeed names the files only one rank reads by its data-parallel rank: its ZeRO optimizer
+# shard (``[bf16_]zero_pp_rank_R_mp_rank_00_optim_states.pt``) and, under ZeRO-3, its model
+# states (``zero_pp_rank_R_mp_rank_00_model_states.pt``). Every rank reads the others
+# (``mp_rank_00_model_states.pt`` below ZeRO-3, ``latest``, the progress file).
+_RANK_FILE = re.compile(r"(?:^|/)(?:bf16_)?zero_pp_rank_(\d+)_mp_rank_\d+_(?:optim|model)_states\.pt$")
+
+
+def needed_by_rank(rank: int) -> Callable[[str], bool]:
+    """Whether a checkpoint file (its path inside the checkpoint) is one ``rank`` reads."""
+
+    def needed(name: str) -> bool:
+        match = _RANK_FILE.search(name)
+        return match is None or int(match.group(1)) == rank
+
+    return needed
+
+
+@contextlib.contextmanager
+def checkpoint_files(checkpoint, rank: int, scratch: str | None = None) -> Iterator[str]:
+    """A local folder holding what ``rank``'s restore reads. A checkpoint on local disk is read
+    where it is; one on object storage is downloaded into ``scratch`` (removed afterwards), only
+    this rank's ZeRO shards and the files every rank reads: Ray's ``as_directory`` would fetch
+    every rank's shards on every node (~112 GB at 8B under ZeRO-3, ~14 GB of it this rank's)."""
+    if isinstance(checkpoint.filesystem, pafs.LocalFileSystem):
+        yield checkpoint.path
+        return
+    remote = RunDir.on(checkpoint.filesystem, checkpoint.path)
+    with tempfile.TemporaryDirectory(dir=scratch, prefix="restore-") as folder:
+        remote.download_dir(to=folder, only=needed_by_rank(rank))
+        yield folder
+
+
 class CheckpointError(RuntimeError):
     """A training checkpoint is truncated or corrupt: never resume from it silently."""
 
 
-def _save(engine, progress: dict[str, int], metrics: dict[str, Any]) -> None:
-    """Every rank writes its DeepSpeed shard; Ray Train gathers them into one checkpoint."""
+def scratch_folder(train: TrainConfig) -> str:
+    """Where this worker stages checkpoints and the export and restores a checkpoint:
+    ``train.scratch_dir`` (made when missing), else the system temp dir."""
+    folder = train.scratch_dir or tempfile.gettempdir()
+    os.makedirs(folder, exist_ok=True)
+    return folder
+
+
+def write_checkpoint(engine, folder: str, progress: dict[str, int], rank: int,
+                     frozen_excluded: bool = False) -> None:
+    """This rank's part of a checkpoint in ``folder``: its DeepSpeed shard (with
+    ``frozen_excluded``, LoRA's, the trainable weights only: the frozen base is the model's own
+    and would make every checkpoint as big as the model), and on rank 0 the data position."""
+    engine.save_checkpoint(folder, tag="state", exclude_frozen_parameters=frozen_excluded)
+    if rank == 0:
+        with open(os.path.join(folder, PROGRESS_FILE), "w") as out:
+            json.dump(progress, out)
+
+
+def _save(engine, progress: dict[str, int], metrics: dict[str, Any], *, scratch: str | None = None,
+          frozen_excluded: bool = False) -> None:
+    """Every rank writes its DeepSpeed shard into ``scratch``; Ray Train gathers them into one
+    checkpoint."""
     import ray.train
 
-    with tempfile.TemporaryDirectory() as folder:
-        engine.save_checkpoint(folder, tag="state")
-        if ray.train.get_context().get_world_rank() == 0:
-            with open(os.path.join(folder, PROGRESS_FILE), "w") as out:
-                json.dump(progress, out)
+    with tempfile.TemporaryDirectory(dir=scratch, prefix="checkpoint-") as folder:
+        write_checkpoint(engine, folder, progress, ray.train.get_context().get_world_rank(),
+                         frozen_excluded)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
 
 
@@ -136,16 +195,20 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     tokenizer = load_tokenizer(model_cfg.path, model_cfg.trust_remote_code)
     pad_id = pad_token_id(tokenizer)
     dtype = training_dtype(train)
-    model = load_model(model_cfg.path, dtype=dtype, trust_remote_code=model_cfg.trust_remote_code,
-                       lora=train.lora, gradient_checkpointing=train.gradient_checkpointing,
-                       attn_implementation=attention_implementation(train.attn_implementation,
-                                                                    train.use_gpu))
+    with partitioned_loading(deepspeed_config(train, world)):  # ZeRO-3: no whole copy per rank
+        model = load_model(model_cfg.path, dtype=dtype, trust_remote_code=model_cfg.trust_remote_code,
+                           lora=train.lora, gradient_checkpointing=train.gradient_checkpointing,
+                           attn_implementation=attention_implementation(train.attn_implementation,
+                                                                        train.use_gpu))
     engine = deepspeed_engine(model, train, world)
     objective = objective_from(loop_config.get("objective"))  # None: the language-model loss
     # packing: sequences of up to the build's max_seq_len, laid out flat for flash-attention
     pack_len = loop_config["max_seq_len"] if train.packing else None
     flat = uses_varlen_attention(model)
-    progress = restore(engine, ray.train.get_checkpoint())
+    scratch = scratch_folder(train)  # checkpoints and the export are staged here
+    lora = train.lora is not None  # checkpoints without the frozen base
+    progress = restore(engine, ray.train.get_checkpoint(), rank=rank, scratch=scratch,
+                       frozen_excluded=lora)
     resumed_from = progress["global_step"]  # 0 unless this attempt continues a checkpoint
     rows_per_rank = loop_config["train_rows"] // world
     batches_per_epoch = math.ceil(rows_per_rank / train.micro_batch_size)
@@ -198,7 +261,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                     state = {"epoch": epoch, "batches_done": index + 1, "micro_done": micro_done,
                              "global_step": engine.global_steps,
                              "tokens": progress["tokens"] + tokens}
-                    _save(engine, state, step)
+                    _save(engine, state, step, scratch=scratch, frozen_excluded=lora)
                     if tracker is not None:
                         tracker.upload()
                 else:
@@ -228,7 +291,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             if schedule.at_epoch_end(micro_done, finished):
                 state = {"epoch": epoch + 1, "batches_done": 0, "micro_done": micro_done,
                          "global_step": engine.global_steps, "tokens": progress["tokens"] + tokens}
-                _save(engine, state, metrics)
+                _save(engine, state, metrics, scratch=scratch, frozen_excluded=lora)
             else:
                 ray.train.report(metrics)  # the checkpoint waits for the step to end
             if tracker is not None:
@@ -275,7 +338,7 @@ def _export(engine, model_cfg: ModelConfig, train: TrainConfig, tokenizer, run_d
     run = RunDir(run_dir)
     run.delete(folder, "model")
     run.delete(folder, "adapter")
-    with tempfile.TemporaryDirectory() as staging:
+    with tempfile.TemporaryDirectory(dir=scratch_folder(train), prefix="export-") as staging:
         model_dir = os.path.join(staging, "model")
         if train.lora is None:
             export_full_model(state, model_cfg.path, model_dir, dtype=dtype, tokenizer=tokenizer,
