@@ -17,8 +17,7 @@ import numpy as np
 import torch
 
 from ray_align.config import LoraConfig, TrainConfig
-
-IGNORE_INDEX = -100
+from ray_align.training.token_loss import IGNORE_INDEX, lm_loss
 
 
 def training_dtype(train: TrainConfig) -> torch.dtype:
@@ -292,11 +291,12 @@ def full_state_dict(engine, zero_stage: int, rank: int) -> dict[str, torch.Tenso
 
 def batch_loss(model, batch: dict[str, Any], device, objective=None) -> tuple[torch.Tensor, int]:
     """A micro-batch's loss and its weight: the language-model loss (mean per target token) and
-    its target tokens, or ``objective``'s (``preference.DpoObjective``: rows)."""
+    its target tokens, or ``objective``'s (``preference.DpoObjective``: rows). The token loss is
+    computed in chunks of the hidden states (``token_loss.lm_loss``): the full-vocabulary logits
+    are never built."""
     if objective is not None:
         return objective.loss(model, batch, device)
-    inputs = model_inputs(batch, device)
-    return model(**inputs).loss, int((inputs["labels"][:, 1:] != IGNORE_INDEX).sum())
+    return lm_loss(model, model_inputs(batch, device))
 
 
 def train_step(engine, batch: dict[str, Any], objective=None) -> tuple[float, int]:

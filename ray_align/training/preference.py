@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from ray_align.training.core import IGNORE_INDEX, collate, model_inputs
+from ray_align.training.token_loss import full_logits_target_logps, token_logps
 
 PairRow = tuple[Any, int, Any, Any]  # (input_ids, prompt_len, rejected_ids, (ref c, ref r) or None)
 
@@ -53,11 +54,9 @@ def collate_pairs(rows: Iterable[PairRow], pad_id: int) -> dict[str, torch.Tenso
 def target_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Log-probability of each target token (0 where the label is ignored), shape (rows,
     length - 1): token t is predicted from position t - 1. Computed in fp32 through
-    ``cross_entropy`` (no full log-softmax tensor kept)."""
-    shifted = labels[:, 1:]
-    per_token = -F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), shifted.flatten(),
-                                 ignore_index=IGNORE_INDEX, reduction="none")
-    return per_token.view(shifted.shape)
+    ``cross_entropy`` (no full log-softmax tensor kept). From logits the caller already has;
+    the training paths use ``token_loss.token_logps``, which never builds them whole."""
+    return full_logits_target_logps(logits, labels)
 
 
 def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor,
@@ -82,7 +81,7 @@ def _reference_logps(model, inputs: dict[str, Any], labels: torch.Tensor) -> tor
         raise ValueError("DPO with full fine-tuning needs reference log-probabilities computed "
                          "before training (ref_logps); only a LoRA model is its own reference")
     with disabled():
-        return target_logps(module(**inputs).logits, labels).sum(-1)
+        return token_logps(module, inputs, labels).sum(-1)
 
 
 @dataclass(frozen=True)
@@ -94,21 +93,23 @@ class DpoObjective:
     sft_weight: float = 1.0
 
     def loss(self, model, batch: dict[str, Any], device=None) -> tuple[torch.Tensor, int]:
-        """The micro-batch's loss and its weight (rows) for averaging over micro-batches."""
+        """The micro-batch's loss and its weight (rows) for averaging over micro-batches. A LoRA
+        model's reference pass runs first (no gradients, its activations freed) and the
+        policy's second, so the two passes' activations are never alive together."""
         inputs = model_inputs(batch, device)
         labels = inputs.pop("labels")
-        logits = model(**inputs).logits
-        per_token = target_logps(logits, labels)
-        chosen, rejected = batch["chosen_rows"].to(logits.device), batch["rejected_rows"].to(logits.device)
-        sft = batch["sft_rows"].to(logits.device)
-        total = logits.new_zeros((), dtype=torch.float32)
+        chosen, rejected, sft = batch["chosen_rows"], batch["rejected_rows"], batch["sft_rows"]
+        reference = batch.get("reference")
+        if len(chosen) and reference is None:
+            summed = _reference_logps(model, inputs, labels)
+            reference = torch.stack([summed[chosen.to(summed.device)],
+                                     summed[rejected.to(summed.device)]], dim=1)
+        per_token = token_logps(model, inputs, labels)
+        chosen, rejected, sft = (rows.to(per_token.device) for rows in (chosen, rejected, sft))
+        total = per_token.new_zeros(())
         if len(chosen):
             sequence = per_token.sum(-1)
-            reference = batch.get("reference")
-            if reference is None:
-                reference = _reference_logps(model, inputs, labels)
-                reference = torch.stack([reference[chosen], reference[rejected]], dim=1)
-            reference = reference.to(logits.device)
+            reference = reference.to(per_token.device)
             total = total + dpo_loss(sequence[chosen], sequence[rejected], reference[:, 0],
                                      reference[:, 1], self.beta).sum()
         if len(sft) and self.sft_weight:
@@ -159,4 +160,4 @@ def sequence_logps(model, batch: dict[str, Any], device=None) -> list[float]:
     """Each sequence's summed target log-probability under ``model``, in the batch's row order."""
     inputs = model_inputs(batch, device)
     labels = inputs.pop("labels")
-    return target_logps(model(**inputs).logits, labels).sum(-1).tolist()
+    return token_logps(model, inputs, labels).sum(-1).tolist()

@@ -130,10 +130,31 @@ def write_checkpoint(engine, folder: str, progress: dict[str, int], rank: int,
     """This rank's part of a checkpoint in ``folder``: its DeepSpeed shard (with
     ``frozen_excluded``, LoRA's, the trainable weights only: the frozen base is the model's own
     and would make every checkpoint as big as the model), and on rank 0 the data position."""
-    engine.save_checkpoint(folder, tag="state", exclude_frozen_parameters=frozen_excluded)
+    with _tied_frozen_left_out(engine) if frozen_excluded else contextlib.nullcontext():
+        engine.save_checkpoint(folder, tag="state", exclude_frozen_parameters=frozen_excluded)
     if rank == 0:
         with open(os.path.join(folder, PROGRESS_FILE), "w") as out:
             json.dump(progress, out)
+
+
+@contextlib.contextmanager
+def _tied_frozen_left_out(engine) -> Iterator[None]:
+    """DeepSpeed leaves a frozen parameter out by its first name only: one tied to it (the LM
+    head of a model whose embeddings are tied, vocab x hidden) would stay in the checkpoint under
+    its second name. For the save, the engine's state dict leaves out every name of every
+    frozen parameter."""
+    frozen = {name for name, param in engine.module.named_parameters(remove_duplicate=False)
+              if not param.requires_grad}
+    state_dict = engine.module_state_dict
+
+    def trainable_only(*args, **kwargs) -> dict[str, Any]:
+        return {k: v for k, v in state_dict(*args, **kwargs).items() if k not in frozen}
+
+    engine.module_state_dict = trainable_only
+    try:
+        yield
+    finally:
+        del engine.module_state_dict  # the engine's own method again
 
 
 def _save(engine, progress: dict[str, int], metrics: dict[str, Any], *, scratch: str | None = None,

@@ -94,10 +94,11 @@ def _chunk_logps(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Ten
 
 
 def chunked_target_logps(head: torch.nn.Module, hidden: torch.Tensor, labels: torch.Tensor,
-                         chunk: int = LOSS_CHUNK_TOKENS) -> torch.Tensor:
+                         chunk: int | None = None) -> torch.Tensor:
     """Per-token target log-probabilities, (rows, length - 1), 0 where the label is ignored:
     token t is predicted from position t - 1. Only target positions reach the head, ``chunk``
     at a time; with gradients on, each chunk is recomputed in backward rather than kept."""
+    chunk = chunk or LOSS_CHUNK_TOKENS  # read when called, so a test can shrink it
     shifted = labels[:, 1:].to(hidden.device)
     mask = shifted != IGNORE_INDEX
     states, targets = hidden[:, :-1][mask], shifted[mask]
@@ -121,7 +122,7 @@ def full_logits_target_logps(logits: torch.Tensor, labels: torch.Tensor) -> torc
 
 
 def token_logps(model, inputs: dict[str, Any], labels: torch.Tensor,
-                chunk: int = LOSS_CHUNK_TOKENS) -> torch.Tensor:
+                chunk: int | None = None) -> torch.Tensor:
     """Per-token target log-probabilities of ``labels`` under ``model`` given ``inputs`` (model
     inputs without labels): chunked over the hidden states when the model's head is separable
     (``separable_head``), else from the model's full logits."""
@@ -132,7 +133,7 @@ def token_logps(model, inputs: dict[str, Any], labels: torch.Tensor,
     return chunked_target_logps(head, final_hidden_states(model, backbone, inputs), labels, chunk)
 
 
-def lm_loss(model, inputs: dict[str, Any], chunk: int = LOSS_CHUNK_TOKENS) -> tuple[torch.Tensor, int]:
+def lm_loss(model, inputs: dict[str, Any], chunk: int | None = None) -> tuple[torch.Tensor, int]:
     """The language-model loss (mean negative log-likelihood per target token) of model inputs
     that carry ``labels``, and its target tokens. A micro-batch without targets has loss 0 (not
     NaN, which would poison the accumulated gradients) and weight 0."""

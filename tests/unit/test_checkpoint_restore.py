@@ -113,3 +113,114 @@ def test_a_truncated_or_incomplete_checkpoint_is_named(saved, tmp_path, damage, 
     assert f"checkpoint {broken} is unreadable" in message
     assert named in message
     assert "delete that checkpoint folder" in message
+
+
+# A ZeRO-3 checkpoint of 2 ranks in bf16, as DeepSpeed names its files (rank 1 and rank 10 must
+# not be mistaken for one another).
+ZERO3_FILES = ["latest", "zero_to_fp32.py", PROGRESS_FILE,
+               "state/zero_pp_rank_0_mp_rank_00_model_states.pt",
+               "state/zero_pp_rank_1_mp_rank_00_model_states.pt",
+               "state/zero_pp_rank_10_mp_rank_00_model_states.pt",
+               "state/bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt",
+               "state/bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt",
+               "state/zero_pp_rank_1_mp_rank_00_optim_states.pt"]
+
+
+def test_a_rank_reads_its_own_zero_shards_and_the_shared_files():
+    from ray_align.training.ray_worker import needed_by_rank
+
+    shared = ["latest", "zero_to_fp32.py", PROGRESS_FILE]
+    assert [n for n in ZERO3_FILES if needed_by_rank(1)(n)] == [
+        *shared, "state/zero_pp_rank_1_mp_rank_00_model_states.pt",
+        "state/bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt",
+        "state/zero_pp_rank_1_mp_rank_00_optim_states.pt"]
+    assert needed_by_rank(0)("state/mp_rank_00_model_states.pt")  # below ZeRO-3: every rank's
+
+
+def test_a_checkpoint_on_object_storage_restores_from_this_ranks_files_only(saved, s3_bucket,
+                                                                             tmp_path):
+    """Each rank downloads its own shards and the shared files into the scratch folder (Ray's
+    ``as_directory`` downloads every rank's), and the download is gone afterwards."""
+    import pyarrow.fs as pafs
+
+    from ray_align.storage import RunDir
+
+    folder, weights = saved
+    other_rank = folder / "state" / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
+    local = _copy(folder, tmp_path / "ckpt")
+    (local / other_rank.relative_to(folder)).write_bytes(b"another rank's shard")
+    remote = RunDir(f"{s3_bucket}/ray_train/checkpoint_000001")
+    remote.upload_dir(local)
+    engine = _engine(seed=1)
+    seen: list[str] = []
+    where: list[Path] = []
+    load = engine.load_checkpoint
+
+    def load_and_look(path, **kwargs):
+        where.append(Path(path))
+        seen.extend(sorted(str(p.relative_to(path)) for p in Path(path).rglob("*") if p.is_file()))
+        return load(path, **kwargs)
+
+    engine.load_checkpoint = load_and_look
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    checkpoint = Checkpoint(path=remote.root, filesystem=remote.fs)
+    assert not isinstance(checkpoint.filesystem, pafs.LocalFileSystem)
+    assert restore(engine, checkpoint, rank=0, scratch=str(scratch)) == POSITION
+    assert "state/zero_pp_rank_1_mp_rank_00_optim_states.pt" not in seen
+    assert "state/zero_pp_rank_0_mp_rank_00_optim_states.pt" in seen and PROGRESS_FILE in seen
+    assert where[0].parent == scratch and not list(scratch.iterdir())  # downloaded there, then removed
+    for name, value in _weights(engine).items():
+        torch.testing.assert_close(value, weights[name], rtol=0, atol=0)
+
+
+LORA_TRAIN = TrainConfig(zero_stage=2, precision="fp32", micro_batch_size=2, lr=1e-2,
+                         lora={"r": 4, "alpha": 8, "dropout": 0.0})
+
+
+def _lora_engine(tiny_model, seed: int):
+    from ray_align.training.core import load_model
+
+    torch.manual_seed(seed)  # the adapter's initial A matrices
+    model = load_model(str(tiny_model), lora=LORA_TRAIN.lora)
+    return deepspeed_engine(model, LORA_TRAIN, world_size=1)
+
+
+def _lora_step(engine) -> None:
+    ids = torch.arange(2 * 12).reshape(2, 12) % 200 + 5
+    engine.backward(engine(input_ids=ids, labels=ids).loss)
+    engine.step()
+
+
+def _trainable(engine) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in engine.module.named_parameters() if p.requires_grad}
+
+
+def test_a_lora_checkpoint_holds_the_adapter_only_and_resumes_it_exactly(single_process_group,
+                                                                         tiny_model, tmp_path):
+    """The frozen base is the model's own: a checkpoint with it would be as big as the model."""
+    from ray_align.training.ray_worker import write_checkpoint
+
+    engine = _lora_engine(tiny_model, seed=0)
+    for _ in range(2):
+        _lora_step(engine)
+    folder = tmp_path / "ckpt"
+    write_checkpoint(engine, str(folder), POSITION, rank=0, frozen_excluded=True)
+    (states,) = (folder / "state").glob("mp_rank_*_model_states.pt")
+    module = torch.load(states, map_location="cpu", weights_only=False)["module"]
+    adapter = _trainable(engine)
+    assert set(module) == set(adapter) and all("lora_" in name for name in module)
+    base_bytes = sum(p.numel() * p.element_size() for p in engine.module.parameters()
+                     if not p.requires_grad)
+    assert states.stat().st_size < base_bytes / 4  # the adapter, not the base
+
+    resumed = _lora_engine(tiny_model, seed=1)  # other initial adapter weights
+    assert any(not torch.equal(v, adapter[n]) for n, v in _trainable(resumed).items())
+    restore(resumed, Checkpoint.from_directory(str(folder)), frozen_excluded=True)
+    for name, value in _trainable(resumed).items():
+        torch.testing.assert_close(value, adapter[name], rtol=0, atol=0)
+    _lora_step(engine)  # the same next step: equal only if Adam's moments were restored too
+    _lora_step(resumed)
+    after = _trainable(engine)
+    for name, value in _trainable(resumed).items():
+        torch.testing.assert_close(value, after[name], rtol=0, atol=0)

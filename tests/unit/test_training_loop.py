@@ -78,12 +78,12 @@ def run_loop(monkeypatch, train: TrainConfig, rows: int, progress: dict | None =
         eng.micro_step()
         return float(next(losses)), 1
 
-    def restore(eng, checkpoint):
+    def restore(eng, checkpoint, **where):
         start = progress or {"epoch": 0, "batches_done": 0, "global_step": 0, "tokens": 0}
         eng.global_steps = start["global_step"]
         return start
 
-    def save(eng, state, metrics):
+    def save(eng, state, metrics, **where):
         events.append(("save", state, metrics, eng.micro_steps % eng.grad_accum == 0))
 
     patches = {
