@@ -217,12 +217,32 @@ def partitioned_loading(ds_config: dict[str, Any]) -> Iterator[None]:
     from transformers.integrations import HfDeepSpeedConfig
     from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
+    _deepspeed_comm_over_torch_group()
     held = HfDeepSpeedConfig(ds_config)
     try:
         yield
     finally:
         unset_hf_deepspeed_config()
         del held
+
+
+def _deepspeed_comm_over_torch_group() -> None:
+    """Put DeepSpeed's communication layer on the launcher's process group (Ray Train,
+    torchrun) before ``zero.Init`` parses the config: until ``deepspeed.init_distributed`` it
+    reads the world size as 1 and rejects ``train_batch_size`` for any world of more ranks (only
+    ``deepspeed.initialize``, after the load, would set it up). Without a process group
+    ``zero.Init`` sets one up itself."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    import deepspeed
+    import deepspeed.ops
+
+    backend = dist.get_backend()
+    if backend == "gloo":  # as in deepspeed_engine: no shared-memory op build for CPU inference
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    deepspeed.init_distributed(dist_backend=backend)
 
 
 def load_model(

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -224,3 +225,24 @@ def test_a_lora_checkpoint_holds_the_adapter_only_and_resumes_it_exactly(single_
     after = _trainable(engine)
     for name, value in _trainable(resumed).items():
         torch.testing.assert_close(value, after[name], rtol=0, atol=0)
+
+
+def test_checkpoints_are_staged_in_the_scratch_folder(single_process_group, tmp_path, monkeypatch):
+    """Not the system temp dir: a checkpoint's shards at 8B are ~14 GB per rank."""
+    import ray.train
+
+    from ray_align.training.ray_worker import _save, scratch_folder
+
+    scratch = scratch_folder(TrainConfig(scratch_dir=str(tmp_path / "scratch")))  # made if missing
+    staged: list[tuple[Path, list[str]]] = []
+
+    def report(metrics, checkpoint):
+        folder = Path(checkpoint.path)
+        staged.append((folder, sorted(p.name for p in folder.iterdir())))
+
+    monkeypatch.setattr(ray.train, "report", report)
+    monkeypatch.setattr(ray.train, "get_context", lambda: SimpleNamespace(get_world_rank=lambda: 0))
+    _save(_engine(seed=0), POSITION, {"loss": 1.0}, scratch=scratch)
+    ((folder, names),) = staged
+    assert folder.parent == tmp_path / "scratch" and {"latest", PROGRESS_FILE, "state"} <= set(names)
+    assert not folder.exists()  # uploaded by Ray Train, then removed

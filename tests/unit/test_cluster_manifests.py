@@ -84,3 +84,31 @@ def test_ray_up_config_matches_rays_own_schema():
         types = config["available_node_types"]
         assert types[config["head_node_type"]]["resources"] == {"CPU": 0}
         assert all(t.get("min_workers", 0) == 0 for name, t in types.items() if name != "head")
+
+
+def _scratch_mounts(spec: dict) -> set[str]:
+    """Where each worker group mounts its local-disk (not in-memory) scratch volume."""
+    paths = set()
+    for group in spec["workerGroupSpecs"]:
+        pod = group["template"]["spec"]
+        disks = {v["name"] for v in pod["volumes"]
+                 if "emptyDir" in v and v["emptyDir"].get("medium") != "Memory"}
+        (container,) = pod["containers"]
+        mounts = [m["mountPath"] for m in container["volumeMounts"] if m["name"] in disks]
+        assert len(mounts) == 1, group["groupName"]
+        assert {"name": "RAY_ALIGN_CACHE", "value": f"{mounts[0]}/cache"} in container["env"]
+        paths.add(mounts[0])
+    return paths
+
+
+@pytest.mark.parametrize("path", manifests())
+def test_workers_stage_checkpoints_on_a_local_disk_at_one_path(path):
+    """Checkpoint staging, restores and model downloads need a big local disk on every worker,
+    at the same path (train.scratch_dir is one setting for all of them)."""
+    doc = yaml.safe_load(path.read_text())
+    spec = doc["spec"].get("rayClusterSpec", doc["spec"])
+    (scratch,) = _scratch_mounts(spec)
+    if doc["kind"] == "RayJob":
+        assert f"train.scratch_dir={scratch}" in doc["spec"]["entrypoint"].split()
+    else:  # a long-lived cluster: the jobs submitted to it say so
+        assert f"train.scratch_dir={scratch}" in path.read_text()

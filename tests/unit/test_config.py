@@ -95,3 +95,10 @@ def test_the_reminder_is_a_setting_of_every_method_not_a_method():
         load_config(QUICKSTART, ["compare.methods=[vanilla+reminder]"])
     with pytest.raises(ConfigError, match="compare.methods: Value error, lists sft more than once"):
         load_config(QUICKSTART, ["compare.methods=[sft, vanilla, sft]"])
+
+
+def test_where_training_stages_its_files_never_redoes_training():
+    a, b = load_config(QUICKSTART), load_config(QUICKSTART, ["train.scratch_dir=/mnt/scratch"])
+    assert (a.train.scratch_dir, b.train.scratch_dir) == (None, "/mnt/scratch")
+    assert a.stage_identity("train") == b.stage_identity("train")
+    assert a.stage_identity("train") != load_config(QUICKSTART, ["train.lr=0.1"]).stage_identity("train")
