@@ -150,10 +150,11 @@ def build_parser() -> argparse.ArgumentParser:
                     "  training:   train stage (Ray Train) vs the DeepSpeed loop without Ray vs torch\n"
                     "  scale:      cost per item of induce+analyze and of training as sizes grow\n"
                     "  orchestration: rows/s of generate() around an instant stub engine\n"
+                    "  loss:       peak memory of one micro-batch, full-logits vs chunked loss\n"
                     "The GPU benchmark of the training core (1.1B Llama, MFU) needs no Ray or "
                     "config: python -m ray_align.bench.gpu --help",
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    bench.add_argument("name", choices=["generation", "training", "scale", "orchestration"],
+    bench.add_argument("name", choices=["generation", "training", "scale", "orchestration", "loss"],
                        help="which benchmark (orchestration: generate() with an instant stub engine)")
     bench.add_argument("config", nargs="?", default="configs/quickstart.yaml",
                        help="config whose model, engine, training and data settings are used "
@@ -167,6 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="scale: prompt counts (default 64,256,1024); orchestration: rows "
                        "(default 10000,100000,1000000)")
     bench.add_argument("--train-sizes", default="64,256,1024", help="scale: training row counts")
+    bench.add_argument("--tokens", type=int, default=4096, help="loss: tokens in the micro-batch")
     bench.add_argument("--repeats", type=int, default=1, help="runs per contender (medians)")
     bench.add_argument("--out", help="write the results as JSON here")
 
@@ -317,7 +319,7 @@ def run_comparison(config, args: argparse.Namespace) -> None:
 
 
 def _bench(args, config) -> int:
-    from ray_align.bench import generation, orchestration, scale, training
+    from ray_align.bench import generation, loss, orchestration, scale, training
     from ray_align.bench.common import machine, write_json
 
     def sizes(text: str) -> list[int]:
@@ -328,6 +330,8 @@ def _bench(args, config) -> int:
                                   repeats=args.repeats)
     elif args.name == "training":
         result = training.bench(config, rows=args.rows, repeats=args.repeats)
+    elif args.name == "loss":
+        result = loss.bench(config, tokens=args.tokens)
     elif args.name == "orchestration":
         result = orchestration.bench(config, sizes(args.sizes or "10000,100000,1000000"))
     else:

@@ -170,24 +170,77 @@ def train(ctx: Context) -> StageOutput:
     return train_model(ctx, "build", "train")
 
 
-def with_reference_logps(dataset, cfg):
+def reference_gpus(train_cfg, nodes: list[dict] | None = None) -> int:
+    """GPUs for the reference scorer: the training workers' (all free before they start), at
+    most what one node holds (one actor lives on one node), so a model that only fits across
+    the training GPUs fits across the scorer's too (``ReferenceScorer`` spreads its layers)."""
+    if not train_cfg.use_gpu:
+        return 0
+    if nodes is None:
+        import ray
+
+        nodes = ray.nodes()
+    per_node = max((node.get("Resources", {}).get("GPU", 0) for node in nodes
+                    if node.get("Alive", True)), default=0)
+    return max(1, min(train_cfg.num_workers, int(per_node)))
+
+
+@contextlib.contextmanager
+def _order_preserved() -> Iterator[None]:
+    """Ray Data keeps rows in order for the block's datasets built and run in it (the global
+    context: a dataset's own copy does not reach ``union``), and as it was afterwards."""
+    from ray.data import DataContext
+
+    options = DataContext.get_current().execution_options
+    saved, options.preserve_order = options.preserve_order, True
+    try:
+        yield
+    finally:
+        options.preserve_order = saved
+
+
+def with_reference_logps(data: dict, cfg) -> dict:
     """DPO with full fine-tuning: each pair's log-probabilities under the base model, computed
-    once before training (one actor holding the base model, on a GPU when training uses them;
-    the CPUs are free then, the training workers have not started)."""
+    once before training (the CPUs and GPUs are free then, the training workers have not
+    started). Every split goes through one pass of one actor, so the base model is loaded
+    once: the splits' rows are tagged, joined, scored and taken apart by their tags (``union``
+    interleaves its inputs' blocks; each input's own order is kept)."""
     from ray.data import ActorPoolStrategy
 
     from ray_align.tokenization import load_tokenizer, pad_token_id
     from ray_align.training.core import training_dtype
     from ray_align.training.preference import ReferenceScorer
 
+    names = list(data)
     pad_id = pad_token_id(load_tokenizer(cfg.model.path, cfg.model.trust_remote_code))
-    return dataset.map_batches(
+    with _order_preserved():  # each split's rows stay in file order (resuming relies on it)
+        tagged = [data[name].map_batches(_tagged, fn_kwargs={"split": i}, batch_format="numpy")
+                  for i, name in enumerate(names)]
+        scored = tagged[0].union(*tagged[1:]).map_batches(
         ReferenceScorer, batch_format="numpy", batch_size=64, compute=ActorPoolStrategy(size=1),
-        num_gpus=1 if cfg.train.use_gpu else 0, num_cpus=cfg.train.cpus_per_worker,
+        num_gpus=reference_gpus(cfg.train), num_cpus=cfg.train.cpus_per_worker,
         fn_constructor_kwargs={"model_path": cfg.model.path, "dtype": training_dtype(cfg.train),
                                "pad_id": pad_id, "batch_rows": cfg.train.micro_batch_size,
                                "trust_remote_code": cfg.model.trust_remote_code,
                                "device": "cuda" if cfg.train.use_gpu else "cpu"}).materialize()
+        return {name: scored.map_batches(_untagged, fn_kwargs={"split": i}, batch_format="numpy")
+                .materialize() for i, name in enumerate(names)}
+
+
+SPLIT_TAG = "__split"
+
+
+def _tagged(batch: dict, split: int) -> dict:
+    """A batch of one split's rows, each tagged with the split's number."""
+    import numpy as np
+
+    return {**batch, SPLIT_TAG: np.full(len(next(iter(batch.values()))), split, dtype=np.int8)}
+
+
+def _untagged(batch: dict, split: int) -> dict:
+    """The rows of a batch tagged ``split``, without the tag."""
+    keep = batch[SPLIT_TAG] == split
+    return {key: values[keep] for key, values in batch.items() if key != SPLIT_TAG}
 
 
 def objective_spec(cfg, objective: str) -> dict | None:
@@ -221,7 +274,7 @@ def train_model(ctx: Context, build_folder: str, folder: str, objective: str = "
     data = {split: read_ordered(run.uri_of(build_folder, f"{split}.parquet"), columns)
             for split in ("train", "validation")}
     if objective != "sft" and cfg.train.lora is None:  # LoRA: the adapter-disabled model
-        data = {split: with_reference_logps(dataset, cfg) for split, dataset in data.items()}
+        data = with_reference_logps(data, cfg)
     train_rows = data["train"].count()
     if train_rows < cfg.train.num_workers:
         raise ValueError(f"{folder}: {train_rows} training rows for {cfg.train.num_workers} workers")

@@ -130,16 +130,16 @@ def objective_from(spec: dict[str, Any] | None) -> DpoObjective | None:
 class ReferenceScorer:
     """Adds ``ref_chosen`` and ``ref_rejected``, the pair's summed log-probabilities under the
     base model, once before a full fine-tune (a Ray Data map class: the model is loaded once per
-    actor). SFT rows get NaN."""
+    actor). SFT rows get NaN. On GPUs the model is spread over every GPU the actor holds
+    (``device="cuda"``), so a base model that needs all the training GPUs fits here too."""
 
     def __init__(self, model_path: str, dtype: torch.dtype, pad_id: int, batch_rows: int,
                  trust_remote_code: bool = False, device: str = "cpu") -> None:
         from ray_align.storage import local_model_path
-        from ray_align.training.core import load_model
 
-        self.model = load_model(local_model_path(model_path), dtype=dtype,
-                                trust_remote_code=trust_remote_code).to(device).eval()
-        self.pad_id, self.batch_rows, self.device = pad_id, batch_rows, device
+        self.model = reference_model(local_model_path(model_path), dtype, trust_remote_code, device)
+        self.pad_id, self.batch_rows = pad_id, batch_rows
+        self.device = self.model.get_input_embeddings().weight.device  # where the ids go in
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         rows = list(zip(batch["input_ids"], batch["prompt_len"], batch["rejected_ids"], strict=True))
@@ -153,6 +153,23 @@ class ReferenceScorer:
                        for _, _, rej in part]
         chosen, rejected = np.asarray(scores, dtype=np.float32).reshape(-1, 2).T
         return {**batch, "ref_chosen": chosen, "ref_rejected": rejected}
+
+
+def reference_model(path: str, dtype: torch.dtype, trust_remote_code: bool, device: str):
+    """The base model for scoring, in eval mode: on the CPU as training loads it; on CUDA with
+    its layers spread over the visible GPUs (accelerate's ``device_map="auto"``: each layer on
+    one GPU, activations handed on), not a whole copy on each."""
+    if not device.startswith("cuda"):
+        from ray_align.training.core import load_model
+
+        return load_model(path, dtype=dtype, trust_remote_code=trust_remote_code).to(device).eval()
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map="auto",
+                                                 trust_remote_code=trust_remote_code,
+                                                 use_safetensors=True)
+    model.config.use_cache = False
+    return model.eval()
 
 
 @torch.no_grad()

@@ -93,21 +93,42 @@ def _chunk_logps(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Ten
     return -F.cross_entropy(logits, targets.to(logits.device), reduction="none")
 
 
+def _recompute_mode(head: torch.nn.Module, states: torch.Tensor) -> bool | None:
+    """How each chunk is checkpointed: ``use_reentrant`` True or False, or None (not at all).
+
+    A frozen head (LoRA elsewhere) is recomputed reentrantly: the non-reentrant kind checks that
+    a recompute saves tensors of the same shapes, and under ZeRO-3 the frozen weight is gathered
+    in the forward but still partitioned at the recompute (DeepSpeed issue: "Z3: Support for
+    activation ckpt with frozen params"). A trainable head (full fine-tuning) is recomputed
+    non-reentrantly: a reentrant backward per chunk would report the weight's gradient to ZeRO
+    once per chunk (its bucket asserts each parameter once). A ZeRO-3 head with both (LoRA on
+    the head itself) fits neither and is not recomputed, nor is one the hidden states' gradient
+    does not reach (reentrant checkpointing would lose the head's own gradients)."""
+    trainable = [p.requires_grad for p in head.parameters()]
+    if not any(trainable):
+        return True if states.requires_grad else None
+    if all(trainable) or not any(hasattr(p, "ds_id") for p in head.parameters()):
+        return False
+    return None
+
+
 def chunked_target_logps(head: torch.nn.Module, hidden: torch.Tensor, labels: torch.Tensor,
                          chunk: int | None = None) -> torch.Tensor:
     """Per-token target log-probabilities, (rows, length - 1), 0 where the label is ignored:
     token t is predicted from position t - 1. Only target positions reach the head, ``chunk``
-    at a time; with gradients on, each chunk is recomputed in backward rather than kept."""
+    (default ``LOSS_CHUNK_TOKENS``) at a time; with gradients on, each chunk's logits are
+    recomputed in backward rather than kept (``_recompute_mode``)."""
     chunk = chunk or LOSS_CHUNK_TOKENS  # read when called, so a test can shrink it
     shifted = labels[:, 1:].to(hidden.device)
     mask = shifted != IGNORE_INDEX
     states, targets = hidden[:, :-1][mask], shifted[mask]
     step = functools.partial(_chunk_logps, head)
+    reentrant = _recompute_mode(head, states) if torch.is_grad_enabled() else None
     parts = []
     for start in range(0, max(len(targets), 1), chunk):  # one (maybe empty) chunk at least
         piece = (states[start : start + chunk], targets[start : start + chunk])
-        parts.append(checkpoint(step, *piece, use_reentrant=False) if torch.is_grad_enabled()
-                     else step(*piece))
+        parts.append(step(*piece) if reentrant is None
+                     else checkpoint(step, *piece, use_reentrant=reentrant))
     logps = torch.cat(parts)
     return torch.zeros(shifted.shape, dtype=logps.dtype, device=logps.device).masked_scatter(
         mask.to(logps.device), logps)

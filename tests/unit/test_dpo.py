@@ -5,7 +5,9 @@ fine-tune), and DeepSpeed steps that widen the preference margin, all without Ra
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
+import numpy as np
 import pyarrow as pa
 import pytest
 import torch
@@ -138,3 +140,64 @@ def test_the_build_writes_the_rejected_answers_tokens_after_the_same_prompt(ctx)
     n = got["prompt_len"]
     assert got["rejected_ids"][:n] == got["input_ids"][:n] and got["rejected_ids"] != got["input_ids"]
     assert all(r["rejected_ids"] == [] for r in rows.values() if r["kind"] == "helpful")
+
+
+class _Rows:
+    """A stand-in for a Ray dataset of token-id rows, one batch of all of them, keeping their
+    order (unit tests start no Ray)."""
+
+    def __init__(self, rows: list[dict]) -> None:
+        self.rows = rows
+
+    def union(self, *others: _Rows) -> _Rows:
+        return _Rows(self.rows + [row for other in others for row in other.rows])
+
+    def map_batches(self, fn, fn_kwargs=None, fn_constructor_kwargs=None, **_options) -> _Rows:
+        if not self.rows:
+            return self
+        if isinstance(fn, type):  # a map class: constructed once for the whole pass
+            fn = fn(**fn_constructor_kwargs)
+        batch = {k: np.array([r[k] for r in self.rows], dtype=object) for k in self.rows[0]}
+        out = fn(batch, **(fn_kwargs or {}))
+        return _Rows([dict(zip(out, values, strict=True)) for values in zip(*out.values(), strict=True)])
+
+    def materialize(self) -> _Rows:
+        return self
+
+
+def test_the_full_fine_tuning_reference_scores_every_split_with_one_model_load(
+        tiny_model, monkeypatch):
+    from ray_align.stages import train as train_stage
+    from ray_align.training import preference
+
+    loads = []
+
+    class CountingScorer:  # the real one's interface: one model load per instance
+        def __init__(self, **kwargs) -> None:
+            loads.append(kwargs["model_path"])
+
+        def __call__(self, batch):
+            return {**batch, "ref_chosen": [float(len(ids)) for ids in batch["input_ids"]]}
+
+    monkeypatch.setattr(preference, "ReferenceScorer", CountingScorer)
+    cfg = SimpleNamespace(model=SimpleNamespace(path=str(tiny_model), trust_remote_code=False),
+                          train=TrainConfig(precision="fp32"))
+    data = {"train": _Rows([{"input_ids": [1] * n} for n in (3, 5, 7)]),
+            "validation": _Rows([{"input_ids": [1] * n} for n in (2, 4)])}
+    scored = train_stage.with_reference_logps(data, cfg)
+    assert loads == [str(tiny_model)]  # one pass, one load
+    assert [r["ref_chosen"] for r in scored["train"].rows] == [3.0, 5.0, 7.0]  # in order
+    assert [r["ref_chosen"] for r in scored["validation"].rows] == [2.0, 4.0]
+    assert set(scored["train"].rows[0]) == {"input_ids", "ref_chosen"}  # no tag left behind
+
+
+def test_the_reference_scorer_asks_for_the_training_gpus_that_one_node_holds():
+    from ray_align.stages.train import reference_gpus
+
+    def node(gpus, alive=True):
+        return {"Alive": alive, "Resources": {"CPU": 8.0, "GPU": float(gpus)}}
+
+    assert reference_gpus(TrainConfig(use_gpu=False, num_workers=4)) == 0
+    assert reference_gpus(TrainConfig(use_gpu=True, num_workers=4), [node(8)]) == 4
+    assert reference_gpus(TrainConfig(use_gpu=True, num_workers=16), [node(8), node(8)]) == 8
+    assert reference_gpus(TrainConfig(use_gpu=True, num_workers=2), [node(8, alive=False), node(1)]) == 1
