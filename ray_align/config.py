@@ -232,17 +232,22 @@ class SamplingConfig(_Strict):
     )
 
 
+def engine_override(what: str, who: str) -> Any:
+    """An optional ``engine`` section of a model other than the policy (critic, judge), which
+    may need engines of another size; None falls back to the top-level ``engine``."""
+    return Field(None, description=f"{what} (pool, gpus_per_engine, tensor_parallel_size, "
+                 f"engine_kwargs...), e.g. a 70B {who} on tensor_parallel_size 8 beside a policy "
+                 "on 1; null: the top-level engine section. Its pool is shared across stages only "
+                 "when the top-level engine's pools are too (share_across_stages).")
+
+
 class AnalyzeConfig(_Strict):
     critic: ModelConfig | None = Field(
         None, description="A separate critic model; default is the model itself, as in the paper."
     )
     sampling: SamplingConfig = Field(SamplingConfig(max_tokens=256, temperature=0.7),
                                      description="Sampling of the analyses.")
-    engine: EngineConfig | None = Field(
-        None, description="Engines of the critic's generations (pool, gpus_per_engine, "
-        "tensor_parallel_size, engine_kwargs...), e.g. a 70B critic on tensor_parallel_size 8 "
-        "beside a policy on 1; null: the top-level engine section. Its pool is shared across "
-        "stages only when the top-level engine's pools are too (share_across_stages).")
+    engine: EngineConfig | None = engine_override("Engines of the critic's generations", "critic")
 
     LEFT_OUT_WHEN_NONE: ClassVar[frozenset[str]] = frozenset({"engine"})
 
@@ -392,11 +397,8 @@ class JudgeConfig(_Strict):
                                      description="kind llm: sampling of the verdicts.")
     http: HttpJudgeConfig | None = Field(
         None, description="kind http: url, model, api_key_env, concurrency, max_retries, qps...")
-    engine: EngineConfig | None = Field(
-        None, description="kind llm: engines of the judge's generations (pool, gpus_per_engine, "
-        "tensor_parallel_size, engine_kwargs...), e.g. a 70B judge on tensor_parallel_size 8 "
-        "beside a policy on 1; null: the top-level engine section. Its pool is shared across "
-        "stages only when the top-level engine's pools are too (share_across_stages).")
+    engine: EngineConfig | None = engine_override("kind llm: engines of the judge's generations",
+                                                  "judge")
 
     LEFT_OUT_WHEN_NONE: ClassVar[frozenset[str]] = frozenset({"engine"})
 
