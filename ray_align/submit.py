@@ -82,13 +82,31 @@ def submit(config: str, overrides: list[str], *, address: str | None, run_dir: s
     entrypoint = job_entrypoint(script, job_path(config, working_dir), overrides,
                                 [*([f"--run-dir={run_dir}"] if run_dir else []), *options])
     jobs = client(address)
-    job_id = jobs.submit_job(entrypoint=entrypoint,
-                             runtime_env=runtime_env(env_names, pip, working_dir))
+    job_id = submit_when_ready(jobs, entrypoint=entrypoint,
+                               runtime_env=runtime_env(env_names, pip, working_dir))
     print(f"submitted job {job_id}: {entrypoint}", flush=True)
     if not wait:
         print(f"follow it with: ray-align logs {job_id} --follow", flush=True)
         return 0
     return follow(jobs, job_id)
+
+
+NO_AGENT_YET = "No available agent to submit job"  # a cluster whose node agents are still starting
+
+
+def submit_when_ready(jobs, *, wait_s: float = 120, retry_every_s: float = 2, **job) -> str:
+    """``jobs.submit_job(**job)``, retried while the cluster has just started and no node agent
+    takes jobs yet (Ray answers HTTP 500 and creates no job); any other error is raised at once."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            return jobs.submit_job(**job)
+        except RuntimeError as exc:
+            if NO_AGENT_YET not in str(exc) or time.monotonic() > deadline:
+                raise
+            print(f"the cluster takes no jobs yet ({NO_AGENT_YET.lower()}): retrying",
+                  file=sys.stderr, flush=True)
+            time.sleep(retry_every_s)
 
 
 def job_entrypoint(script: str, config: str, overrides: list[str], options: list[str]) -> str:

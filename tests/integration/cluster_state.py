@@ -46,7 +46,7 @@ def nothing_left_behind(gcs: str, env: dict, timeout: float = 90) -> None:
     assert not left, f"left on the cluster after the driver ended: {left}"
 
 
-def stop_nodes(nodes: list[subprocess.Popen], grace_s: float = 10) -> None:
+def stop_nodes(nodes: list[subprocess.Popen], grace_s: float = 3) -> None:
     """Stop the ``ray start --block`` process groups a test started: SIGTERM, then SIGKILL for
     any still up after ``grace_s`` (the cluster is thrown away; a long grace only costs CI)."""
     for node in reversed(nodes):

@@ -7,19 +7,16 @@ from __future__ import annotations
 
 import pytest
 
-from ray_align.config import EngineConfig, ModelConfig, RayConfig, SamplingConfig
+from ray_align.config import EngineConfig, ModelConfig, SamplingConfig
 from ray_align.generate import GenerationError, generate, make_requests, results_by_id
-from ray_align.pipeline import init_ray
 from ray_align.storage import RunDir
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.xdist_group("local_ray")]
 
 MAX_MODEL_LEN = 256
 
 
-def test_a_request_the_engine_rejects_is_named_and_never_saved(tiny_model, tmp_path):
-    import ray
-
+def test_a_request_the_engine_rejects_is_named_and_never_saved(local_ray, tiny_model, tmp_path):
     keys = ["short-0", "too-long", "short-1", "short-2"]
     prompts = ["Say hello.", "word " * 1000, "Name a colour.", "Count to three."]  # ~1,000 tokens
     requests = make_requests(keys, [[{"role": "user", "content": p}] for p in prompts])
@@ -27,13 +24,9 @@ def test_a_request_the_engine_rejects_is_named_and_never_saved(tiny_model, tmp_p
                           env={"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",
                                "VLLM_ENABLE_V1_MULTIPROCESSING": "0"})
     run = RunDir(str(tmp_path / "run"))
-    init_ray(RayConfig(num_cpus=2))
-    try:
-        with pytest.raises(GenerationError) as failed:
-            generate(run, ("out",), requests, ModelConfig(path=str(tiny_model), max_model_len=MAX_MODEL_LEN),
-                     engine, SamplingConfig(max_tokens=8, temperature=0.0), "failures")
-    finally:
-        ray.shutdown()
+    with pytest.raises(GenerationError) as failed:
+        generate(run, ("out",), requests, ModelConfig(path=str(tiny_model), max_model_len=MAX_MODEL_LEN),
+                 engine, SamplingConfig(max_tokens=8, temperature=0.0), "failures")
     message = str(failed.value)
     print(message)
     assert "1 of 4 requests failed in the engine" in message

@@ -15,22 +15,12 @@ from ray_align.judges.http import VERDICT_SCHEMA, judge_http
 from ray_align.judges.verdicts import harmlessness_messages
 from tests.unit.test_judges import FakeChatServer, case_marker
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.xdist_group("local_ray")]
 
 KEY_ENV = "RAY_ALIGN_TEST_HTTP_JUDGE_KEY"
 SECRET = "sk-integration-secret-0123456789"
 CASES = ["ok", "ok", "ok", "ok", "ok", "ok", "flaky500", "flaky500", "flaky429", "down", "bad",
          "garbled"]
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    import ray
-
-    # a new local cluster, never one a `ray start` left behind on this machine
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
 
 
 def test_http_judge_returns_one_verdict_per_row(local_ray, monkeypatch):

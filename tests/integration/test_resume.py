@@ -1,8 +1,9 @@
 """A whole ``ray-align run`` with its run directory on a real S3 API server (moto, loopback):
 interrupted in the middle of a stage (SIGKILL of the driver's process group) and rerun, every
 row is there exactly once; interrupted in the middle of training, the rerun continues from the
-last Ray Train checkpoint (on S3) at its step, not from 0; the model is exported to S3 and the
-evaluation serves it from there on vLLM. Execution settings changed between runs redo nothing."""
+last Ray Train checkpoint (on S3) at its step, not from 0; the model is exported to S3, the
+evaluation serves it from there on vLLM and reports, and transformers loads it. Execution settings
+changed between runs redo nothing."""
 
 from __future__ import annotations
 
@@ -122,3 +123,20 @@ def test_run_on_s3_resumes_induce_and_training_then_serves_the_exported_model(
     assert run.exists("evaluate", "base-adapter", "adapter_model.safetensors")
     assert summary["model_dir"] == run.uri_of("train", "model")
     assert [s["status"] for s in summary["stages"].values()] == ["complete"] * 5
+
+    report = run.read_json("evaluate", "report.json")
+    assert set(report["metrics"]) == {"base", "aligned", "aligned+reminder"}
+    assert report["refusal_detector"]["n"] > 0 and 0 <= report["refusal_detector"]["accuracy"] <= 1
+    assert report["judge"]["kind"] == "offline" and summary["metrics"]["evaluate.judge"] == "offline"
+    assert {"harmless_rate", "refusal_rate", "over_refusal_rate"} <= set(report["metrics"]["base"])
+    assert run.read_bytes("evaluate", "report.md").decode().startswith("# ray_align evaluation")
+
+    # the exported model is a plain HF directory that transformers loads and runs
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    local = tmp_path / "exported"
+    run.download_dir("train", "model", to=local)
+    model = AutoModelForCausalLM.from_pretrained(local)
+    tokenizer = AutoTokenizer.from_pretrained(local)
+    out = model.generate(**tokenizer("Hello", return_tensors="pt"), max_new_tokens=4, do_sample=False)
+    assert out.shape[1] > 1

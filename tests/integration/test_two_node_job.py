@@ -1,25 +1,32 @@
 """A real two-node Ray cluster on this machine (``ray start --head``, then a second node with its
-own resources), the pipeline (up to the trained model: the engines' evaluation stage is proven in
-test_pipeline_e2e.py) submitted with Ray's own ``ray job submit`` CLI, SUCCEEDED awaited, and the
-outputs checked in the run directory. Token auth stays on: every process gets the token."""
+own resources), long-lived as users run one and shared by this module's tests. Engine pools
+shared across stages (``engine.share_across_stages``): a driver interrupted (Ctrl-C) while a stage
+samples from the shared Ray Serve deployment leaves no Serve application, actor or placement
+group behind. The pipeline (up to the trained model: the engines' evaluation stage is proven in
+test_resume.py) submitted with Ray's own ``ray job submit`` CLI, SUCCEEDED awaited, and the outputs
+checked in the run directory. Token auth stays on: every process gets the token."""
 
 from __future__ import annotations
 
 import json
 import os
 import secrets
+import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import pytest
 
+from ray_align.submit import NO_AGENT_YET
 from tests.conftest import REPO, ray_align_env, tiny_config
 from tests.integration.cluster_state import RAY, nothing_left_behind, stop_nodes
 
-pytestmark = pytest.mark.integration
+# one cluster for the module: its tests stay on one pytest-xdist worker
+pytestmark = [pytest.mark.integration, pytest.mark.xdist_group("two_node_cluster")]
 
 
 def free_port() -> int:
@@ -37,7 +44,7 @@ def wait_for(predicate, timeout: float, what: str) -> None:
     raise TimeoutError(f"timed out waiting for {what}")
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")  # with xdist_group: one cluster, on the worker that runs them
 def two_node_cluster():
     env = {**ray_align_env(), "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32),
            # jobs run `python ...` as on a real cluster image: this environment's python
@@ -73,6 +80,28 @@ def two_node_cluster():
         stop_nodes(started)
 
 
+def test_ctrl_c_during_a_shared_pool_stage_leaves_nothing_on_the_cluster(two_node_cluster, tiny_model,
+                                                                         tmp_path):
+    _, env, gcs = two_node_cluster
+    config = tiny_config(tmp_path, tiny_model, harmful=6, **{"induce.max_tokens": 48})
+    driver = subprocess.Popen(
+        [sys.executable, "-m", "ray_align.cli", "run", str(config), "--until", "induce",
+         f"ray.address={gcs}", "ray.shared_run_dir=true", "engine.share_across_stages=true"],
+        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        start_new_session=True)
+    lines: list[str] = []
+    threading.Thread(target=lambda: lines.extend(driver.stdout), daemon=True).start()
+    try:
+        wait_for(lambda: any("shared engine pool up" in line for line in lines), 400, "the shared pool")
+        driver.send_signal(signal.SIGINT)  # what Ctrl-C in the driver's terminal sends
+        assert driver.wait(timeout=180) == 130, "".join(lines)[-3000:]
+    finally:
+        if driver.poll() is None:
+            os.killpg(driver.pid, signal.SIGKILL)
+    assert any("shared engine pool released" in line for line in lines), "".join(lines)[-3000:]
+    nothing_left_behind(gcs, env)
+
+
 def test_pipeline_submitted_with_ray_job_submit(two_node_cluster, tiny_model, tmp_path):
     address, env, gcs = two_node_cluster
     # induce and analyze share one engine pool (a Ray Serve application), released for training
@@ -80,10 +109,14 @@ def test_pipeline_submitted_with_ray_job_submit(two_node_cluster, tiny_model, tm
                                                               "engine.share_across_stages": True})
     runtime_env = json.dumps({"working_dir": str(REPO),
                               "excludes": [".git", ".venv", "runs", "**/__pycache__"]})
-    result = subprocess.run(
-        [RAY, "job", "submit", f"--address={address}", f"--runtime-env-json={runtime_env}", "--",
-         sys.executable, "jobs/run_pipeline.py", str(config), "--until", "train"],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=1200)
+    command = [RAY, "job", "submit", f"--address={address}", f"--runtime-env-json={runtime_env}", "--",
+               sys.executable, "jobs/run_pipeline.py", str(config), "--until", "train"]
+    deadline = time.time() + 120
+    while True:  # a cluster just started may have no node agent taking jobs yet: Ray says so
+        result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=1200)
+        if NO_AGENT_YET not in result.stdout + result.stderr or time.time() > deadline:
+            break
+        time.sleep(2)
     print(result.stdout[-2000:])
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
     assert "succeeded" in result.stdout.lower()

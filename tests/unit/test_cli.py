@@ -85,3 +85,32 @@ def test_overrides_may_follow_options():
 def test_submit_until_is_refused_with_compare(capsys):
     with pytest.raises(SystemExit, match="--until"):
         main(["submit", str(QUICKSTART), "--compare", "--until", "train"])
+
+
+class JobsAnswering:
+    """A job client whose ``submit_job`` fails as Ray's does (RuntimeError with the server's
+    text) with each given error in turn, then returns a job id."""
+
+    def __init__(self, *errors: str):
+        self.errors, self.calls = list(errors), 0
+
+    def submit_job(self, **job):
+        self.calls += 1
+        if self.errors:
+            raise RuntimeError(f"Request failed with status code 500: {self.errors.pop(0)}.")
+        return "raysubmit_1"
+
+
+def test_submit_waits_for_a_cluster_whose_agents_are_starting_and_fails_on_other_errors(capsys):
+    from ray_align.submit import submit_when_ready
+
+    starting = JobsAnswering(*["No available agent to submit job, please try again later."] * 2)
+    assert submit_when_ready(starting, retry_every_s=0, entrypoint="python x.py") == "raysubmit_1"
+    assert starting.calls == 3 and "retrying" in capsys.readouterr().err
+    broken = JobsAnswering("runtime_env setup failed")
+    with pytest.raises(RuntimeError, match="runtime_env setup failed"):
+        submit_when_ready(broken, retry_every_s=0, entrypoint="python x.py")
+    assert broken.calls == 1
+    never = JobsAnswering(*["No available agent to submit job"] * 100)
+    with pytest.raises(RuntimeError, match="No available agent"):
+        submit_when_ready(never, wait_s=0, retry_every_s=0, entrypoint="python x.py")

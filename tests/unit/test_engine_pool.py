@@ -1,6 +1,6 @@
 """Shared engine pools (``engine.share_across_stages``): the requests and answers of the Serve
 path, the deployment's settings, which generations share a pool, and that a ``Context`` always
-shuts its pools down. The real Serve deployment runs in tests/integration/test_shared_engines.py."""
+shuts its pools down. The real Serve deployment runs in tests/integration/test_two_node_job.py."""
 
 from __future__ import annotations
 

@@ -67,7 +67,12 @@ def test_a_tensor_parallel_group_is_packed_on_one_node_in_both_ray_llm_configs()
     assert LLMConfig(**fields).placement_group_config["strategy"] == "STRICT_PACK"
 
 
-def test_the_built_processors_engine_stage_places_its_ranks_with_strict_pack():
+def test_the_built_processors_engine_stage_places_its_ranks_with_strict_pack(monkeypatch):
+    import ray
+
+    # building a processor calls ray.init(), which joins whatever cluster /tmp/ray last recorded
+    # (a stale one hangs): unit tests start and join no Ray
+    monkeypatch.setattr(ray, "init", lambda *args, **kwargs: None)
     engine = EngineConfig(cpus_per_engine=1, tensor_parallel_size=2)
     processor = generation.build_engine_processor(ModelConfig(path="/models/m"), engine,
                                                   generation.SamplingConfig())
