@@ -23,5 +23,5 @@ bash scripts/setup.sh
 if [[ "$quick" == true ]]; then
   exit 0
 fi
-# loadgroup: a module that shares one cluster among its tests keeps them on one worker
-.venv/bin/python -m pytest -q -n "$workers" --dist loadgroup --durations=0 tests/integration "$@"
+# loadfile: a module's tests run on one worker (a module-scoped cluster is started once)
+.venv/bin/python -m pytest -q -n "$workers" --dist loadfile --durations=0 tests/integration "$@"

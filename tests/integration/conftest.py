@@ -1,6 +1,7 @@
-"""Integration-test order: the longest modules first, so that ``pytest -n 2`` (scripts/test.sh)
-starts the two longest on different workers and fills in with the short ones. The order follows
-the measured durations in docs/performance.md ("Test suite"); a module not listed runs last."""
+"""Integration-test order: the longest modules first, so that ``pytest -n 2 --dist loadfile``
+(scripts/test.sh: a module's tests on one worker) starts the two longest on different workers and
+fills in with the short ones. The order follows the measured durations in docs/performance.md
+("Test suite"); a module not listed runs last."""
 
 from __future__ import annotations
 
@@ -20,9 +21,9 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 @pytest.fixture(scope="session")
 def local_ray():
-    """One local Ray cluster in the test process, started as ray_align starts it, for the tests
-    that call ray_align's functions directly (marked ``xdist_group("local_ray")``: one start on
-    one worker). Tests of the CLI start their own cluster in their own process, as users do."""
+    """One local Ray cluster per test process, started as ray_align starts it, for the tests that
+    call ray_align's functions directly. Tests of the CLI start their own cluster in their own
+    process, as users do."""
     import ray
 
     from ray_align.config import RayConfig

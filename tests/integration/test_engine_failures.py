@@ -11,7 +11,7 @@ from ray_align.config import EngineConfig, ModelConfig, SamplingConfig
 from ray_align.generate import GenerationError, generate, make_requests, results_by_id
 from ray_align.storage import RunDir
 
-pytestmark = [pytest.mark.integration, pytest.mark.xdist_group("local_ray")]
+pytestmark = pytest.mark.integration
 
 MAX_MODEL_LEN = 256
 

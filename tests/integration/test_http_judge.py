@@ -15,7 +15,7 @@ from ray_align.judges.http import VERDICT_SCHEMA, judge_http
 from ray_align.judges.verdicts import harmlessness_messages
 from tests.unit.test_judges import FakeChatServer, case_marker
 
-pytestmark = [pytest.mark.integration, pytest.mark.xdist_group("local_ray")]
+pytestmark = pytest.mark.integration
 
 KEY_ENV = "RAY_ALIGN_TEST_HTTP_JUDGE_KEY"
 SECRET = "sk-integration-secret-0123456789"

@@ -21,7 +21,7 @@ from ray_align.stages.evaluate import write_zero_adapter
 from ray_align.storage import RunDir
 from ray_align.tokenization import chat_prompt_ids
 
-pytestmark = [pytest.mark.integration, pytest.mark.xdist_group("local_ray")]
+pytestmark = pytest.mark.integration
 
 PROMPTS = [f"Tell me about topic number {i}." for i in range(8)]
 MAX_TOKENS = 8

@@ -25,8 +25,7 @@ from ray_align.submit import NO_AGENT_YET
 from tests.conftest import REPO, ray_align_env, tiny_config
 from tests.integration.cluster_state import RAY, nothing_left_behind, stop_nodes
 
-# one cluster for the module: its tests stay on one pytest-xdist worker
-pytestmark = [pytest.mark.integration, pytest.mark.xdist_group("two_node_cluster")]
+pytestmark = pytest.mark.integration
 
 
 def free_port() -> int:
@@ -44,18 +43,21 @@ def wait_for(predicate, timeout: float, what: str) -> None:
     raise TimeoutError(f"timed out waiting for {what}")
 
 
-@pytest.fixture(scope="session")  # with xdist_group: one cluster, on the worker that runs them
+@pytest.fixture(scope="module")  # scripts/test.sh runs a module's tests on one xdist worker
 def two_node_cluster():
     env = {**ray_align_env(), "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32),
            # jobs run `python ...` as on a real cluster image: this environment's python
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
-    gcs, dashboard = free_port(), free_port()
+    # every port its own: the node agents' default (52365) is taken by any other cluster on the
+    # host, and a node whose agent cannot listen takes no jobs ("No available agent")
+    gcs, dashboard, head_agent, node_agent = free_port(), free_port(), free_port(), free_port()
     started = []
     try:
         started.append(subprocess.Popen(
             [RAY, "start", "--head", "--block", f"--port={gcs}",
              "--num-cpus=2", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
-             f"--dashboard-port={dashboard}", "--disable-usage-stats"],
+             f"--dashboard-port={dashboard}", f"--dashboard-agent-listen-port={head_agent}",
+             "--disable-usage-stats"],
             env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
         address = f"http://127.0.0.1:{dashboard}"
 
@@ -71,7 +73,8 @@ def two_node_cluster():
         started.append(subprocess.Popen(
             # its own temp dir: two nodes on one host must not share runtime-env folders
             [RAY, "start", "--block", f"--address=127.0.0.1:{gcs}", f"--temp-dir=/tmp/ray-node2-{gcs}",
-             "--num-cpus=1", '--resources={"second_node": 1}', "--disable-usage-stats"],
+             "--num-cpus=1", '--resources={"second_node": 1}', f"--dashboard-agent-listen-port={node_agent}",
+             "--disable-usage-stats"],
             env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
         wait_for(lambda: nodes() >= 2, 120, "the second node")
         print(f"cluster up: 2 nodes, job server {address}")
