@@ -93,7 +93,8 @@ class DataConfig(_Strict):
     helpful: SourceConfig
     max_prompt_chars: int = Field(4000, ge=16, description="Longer prompts are bad rows.")
     on_bad_row: Literal["error", "quarantine"] = Field(
-        "error", description="Stop on a bad row, or set it aside in quarantine.parquet and count it."
+        "error", description="Stop on a bad row, or set it aside in the stage's quarantine "
+        "(a file or folder of Parquet) and count it."
     )
 
     @field_validator("helpful")
@@ -153,7 +154,9 @@ class EngineConfig(_Strict):
         1, ge=1, description="Ranks (GPUs) one engine spans, placed on one node (STRICT_PACK).")
     engine_kwargs: dict[str, Any] = Field(default_factory=dict, description="Passed to vLLM.")
     env: dict[str, str] = Field(default_factory=dict, description="Env vars for engine actors.")
-    shard_rows: int = Field(64, ge=1, description="Rows per output file: the unit of resume.")
+    shard_rows: int = Field(2048, ge=1, description=(
+        "Rows per output file, the unit of resume: thousands, so a stage of 10M rows writes "
+        "thousands of files, not hundreds of thousands."))
     check_resources: bool = Field(
         True, description="Refuse to start when the cluster cannot hold one engine; turn off "
         "when the autoscaler adds such nodes on demand.")

@@ -15,6 +15,7 @@ it, so nothing is left on a long-lived cluster; ``Context`` calls it on success,
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import time
@@ -69,17 +70,19 @@ def completion_request(row: dict, sampling: SamplingConfig) -> dict[str, Any]:
             "request_kwargs": kwargs}
 
 
-def completion_result(row: dict) -> dict[str, Any]:
-    """A deployment's reply in ``answer_row``'s columns. A request that raised comes back
-    without calling this (ray.data.llm's ``__inference_error__`` row); an OpenAI error body
-    (``error``) is a failure too; Serve returns no per-request timing."""
-    from ray_align.generate import answer_row
+def completion_result(row: dict, carry: tuple[str, ...] = ()) -> dict[str, Any]:
+    """A deployment's reply in ``answer_row``'s columns, with the request's ``carry`` columns.
+    A request that raised comes back without calling this (ray.data.llm's
+    ``__inference_error__`` row); an OpenAI error body (``error``) is a failure too; Serve
+    returns no per-request timing."""
+    from ray_align.generate import answer_row, carried
 
     choices = row.get("choices") or [{}]
     usage = row.get("usage") or {}
     error = row.get("error") or ""
-    return answer_row(row["key"], choices[0].get("text"), usage.get("prompt_tokens"),
-                      usage.get("completion_tokens"), error=str(error) if error else "")
+    return {**carried(row, carry),
+            **answer_row(row["key"], choices[0].get("text"), usage.get("prompt_tokens"),
+                         usage.get("completion_tokens"), error=str(error) if error else "")}
 
 
 def request_timeout_s(engine: EngineConfig, sampling: SamplingConfig) -> float:
@@ -99,9 +102,10 @@ class SharedEngines:
     held: dict[str, str] = field(default_factory=dict)  # application name -> deployment name
     started_serve: bool = False
 
-    def processor(self, model: ModelConfig, engine: EngineConfig, sampling: SamplingConfig):
-        """A processor whose rows go to ``model``'s shared deployment, and whether this call
-        started it (the caller counts engine pools)."""
+    def processor(self, model: ModelConfig, engine: EngineConfig, sampling: SamplingConfig,
+                  carry: tuple[str, ...] = ()):
+        """A processor whose rows go to ``model``'s shared deployment (the ``carry`` columns
+        kept beside each answer), and whether this call started it (the caller counts pools)."""
         from ray.data.llm import ServeDeploymentProcessorConfig, build_processor
         from ray.serve.llm.openai_api_models import CompletionRequest
 
@@ -124,7 +128,8 @@ class SharedEngines:
         light = {"num_cpus": LIGHT_CPU}
         processor = build_processor(
             config, preprocess=lambda row: completion_request(row, sampling),
-            postprocess=completion_result, preprocess_map_kwargs=light, postprocess_map_kwargs=light)
+            postprocess=functools.partial(completion_result, carry=carry),
+            preprocess_map_kwargs=light, postprocess_map_kwargs=light)
         for stage in processor.stages.values():  # Ray Data asks a whole CPU per map actor
             stage.map_batches_kwargs["num_cpus"] = LIGHT_CPU
         return processor, started

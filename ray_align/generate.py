@@ -10,7 +10,6 @@ from __future__ import annotations
 import functools
 import json
 import time
-import uuid
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -24,7 +23,7 @@ from ray_align import console
 from ray_align.config import EngineConfig, ModelConfig, SamplingConfig
 from ray_align.engine_pool import SharedEngines
 from ray_align.sources import ContextLimit
-from ray_align.storage import RunDir
+from ray_align.storage import RunDir, part_name
 from ray_align.tokenization import chat_prompt_ids, chat_prompt_ids_batch, load_tokenizer
 
 REQUEST_SCHEMA = pa.schema([("key", pa.string()), ("messages", pa.string())])
@@ -189,9 +188,10 @@ def check_engine_fits(engine: EngineConfig, cluster: dict[str, float]) -> None:
 
 
 def build_engine_processor(model: ModelConfig, engine: EngineConfig, sampling: SamplingConfig,
-                           lora: LoraAdapters | None = None):
+                           lora: LoraAdapters | None = None, carry: tuple[str, ...] = ()):
     """A ``ray.data.llm`` processor: token ids in, a vLLM engine pool, text out; with ``lora``,
-    each row answered by the adapter its ``adapter`` column names (the base model when empty)."""
+    each row answered by the adapter its ``adapter`` column names (the base model when empty);
+    the request columns named in ``carry`` come out beside each answer."""
     from ray.data.llm import build_processor, vLLMEngineProcessorConfig
 
     kwargs = engine_kwargs(model, engine)
@@ -223,7 +223,8 @@ def build_engine_processor(model: ModelConfig, engine: EngineConfig, sampling: S
         return request
 
     light = {"num_cpus": LIGHT_CPU}
-    return build_processor(config, preprocess=preprocess, postprocess=engine_answer,
+    return build_processor(config, preprocess=preprocess,
+                           postprocess=functools.partial(engine_answer, carry=carry),
                            preprocess_map_kwargs=light, postprocess_map_kwargs=light)
 
 
@@ -237,11 +238,19 @@ def answer_row(key: str, text: str | None, input_tokens: int | None, generated_t
             "engine_window": list(window)}
 
 
-def engine_answer(row: dict) -> dict[str, Any]:
-    """A vLLM stage's answered row in ``answer_row``'s columns. ray.data.llm calls it only for
-    rows without ``__inference_error__``: failed rows skip it (``wrap_postprocess``)."""
-    return answer_row(row["key"], row.get("generated_text"), row.get("num_input_tokens"),
-                      row.get("num_generated_tokens"), engine_window(row.get("metrics")))
+def engine_answer(row: dict, carry: tuple[str, ...] = ()) -> dict[str, Any]:
+    """A vLLM stage's answered row in ``answer_row``'s columns, with the request's ``carry``
+    columns (ray.data.llm hands the postprocess the whole request row). ray.data.llm calls it
+    only for rows without ``__inference_error__``: failed rows skip it (``wrap_postprocess``)."""
+    return {**carried(row, carry),
+            **answer_row(row["key"], row.get("generated_text"), row.get("num_input_tokens"),
+                         row.get("num_generated_tokens"), engine_window(row.get("metrics")))}
+
+
+def carried(row: dict, carry: tuple[str, ...]) -> dict[str, Any]:
+    """The request columns a stage keeps beside each answer (its payload: the instruction, the
+    category...), so nothing has to be joined back to the answers on the driver."""
+    return {name: row[name] for name in carry}
 
 
 def failure_texts(batch: pa.Table) -> pa.ChunkedArray:
@@ -264,18 +273,18 @@ def failure_texts(batch: pa.Table) -> pa.ChunkedArray:
     return pc.if_else(missing, "the engine returned no answer text for this request", errors)
 
 
-def split_outcomes(batch: pa.Table) -> tuple[pa.Table, pa.Table]:
+def split_outcomes(batch: pa.Table, carry: tuple[str, ...] = ()) -> tuple[pa.Table, pa.Table]:
     """One batch of engine output, from either backend, as (answers, failures): answers in
-    ``ANSWER_SCHEMA``, failures as ``key`` and ``error``. A failed row is never an answer."""
+    ``ANSWER_SCHEMA`` and the ``carry`` columns, failures as ``key`` and ``error``. A failed row
+    is never an answer."""
     errors = failure_texts(batch)
     failed = pc.not_equal(errors, "")
     failures = pa.table({"key": batch.column("key").filter(failed), ERROR_COLUMN: errors.filter(failed)})
     ok = pc.invert(failed)
-    if not pc.any(ok).as_py():
-        return ANSWER_SCHEMA.empty_table(), failures
     answers = batch.filter(ok)
-    return pa.table({name: answers.column(name).cast(kind) for name, kind in
-                     zip(ANSWER_SCHEMA.names, ANSWER_SCHEMA.types, strict=True)}), failures
+    columns = {name: answers.column(name).cast(kind) if answers.num_rows else pa.array([], kind)
+               for name, kind in zip(ANSWER_SCHEMA.names, ANSWER_SCHEMA.types, strict=True)}
+    return pa.table({**{name: answers.column(name) for name in carry}, **columns}), failures
 
 
 def request_seed(seed: int, key: str) -> int:
@@ -332,49 +341,128 @@ def request_blocks(todo: pa.Table, engine: EngineConfig) -> list[pa.Table]:
     return [todo.slice(i, step) for i in range(0, todo.num_rows, step)]
 
 
-def prompt_dataset(todo: pa.Table, model: ModelConfig, engine: EngineConfig):
+def prompt_dataset(todo, model: ModelConfig, engine: EngineConfig, rows: int | None = None):
     """The requests as a Ray Dataset of ``key``, ``prompt_ids`` (and any other column), the
-    prompts tokenized in Ray Data tasks as the blocks stream to the engines."""
+    prompts tokenized in Ray Data tasks as the blocks stream to the engines. ``todo``: a table
+    (cut in ``request_blocks`` here) or a Ray Dataset of ``rows`` requests (re-blocked to the
+    same sizes as it streams)."""
     import ray
     from ray.data import TaskPoolStrategy
 
     shipped = (None if model.trust_remote_code
                else ray.put(load_tokenizer(model.path, model.trust_remote_code)))
-    return ray.data.from_arrow(request_blocks(todo, engine)).map_batches(
+    if isinstance(todo, pa.Table):
+        dataset, batch_size = ray.data.from_arrow(request_blocks(todo, engine)), None
+    else:
+        dataset, batch_size = todo, block_rows(rows or BLOCK_ROWS, engine)
+    return dataset.map_batches(
         tokenize_block, fn_kwargs={"tokenizer": shipped, "path": model.path,
                                    "trust_remote_code": model.trust_remote_code},
-        batch_format="pyarrow", batch_size=None, zero_copy_batch=True, num_cpus=LIGHT_CPU,
-        compute=TaskPoolStrategy(size=TOKENIZE_TASKS))
+        batch_format="pyarrow", batch_size=batch_size, zero_copy_batch=True, num_cpus=LIGHT_CPU,
+        compute=TaskPoolStrategy(size=tokenize_tasks()))
+
+
+def tokenize_tasks() -> int:
+    """Tokenizing tasks at once: ``TOKENIZE_TASKS`` per 8 CPUs of the cluster, so the pool of
+    tokenizers grows with the cluster instead of staying at two for a thousand GPUs."""
+    import ray
+
+    return max(TOKENIZE_TASKS, TOKENIZE_TASKS * int(ray.cluster_resources().get("CPU", 0) // 8))
 
 
 def context_limit(model: ModelConfig, max_tokens: int, to_messages: Callable[[str], list],
                   setting: str) -> ContextLimit:
     """Refuse prompts that, chat-formatted, leave fewer than ``max_tokens`` of the model's context
     for the answer: named and quarantined at load time instead of failing inside the engine."""
-    tokenizer = load_tokenizer(model.path, model.trust_remote_code)
     return ContextLimit(
-        count_tokens=lambda prompt: len(chat_prompt_ids(tokenizer, to_messages(prompt))),
+        count_tokens=PromptTokens(load_tokenizer(model.path, model.trust_remote_code), to_messages),
         limit=model.max_model_len - max_tokens,
         why=f"model.max_model_len {model.max_model_len} minus {setting} {max_tokens}")
 
 
+@dataclass
+class PromptTokens:
+    """A prompt's chat-formatted token count, as the engine will see it; picklable, so Ray Data
+    tasks check the context limit of a source's blocks in parallel."""
+
+    tokenizer: Any
+    to_messages: Callable[[str], list]
+
+    def __call__(self, prompt: str) -> int:
+        return len(chat_prompt_ids(self.tokenizer, self.to_messages(prompt)))
+
+    def batch(self, prompts: list[str]) -> list[int]:
+        if not prompts:
+            return []
+        return [len(ids) for ids in chat_prompt_ids_batch(self.tokenizer,
+                                                          [self.to_messages(p) for p in prompts])]
+
+
 def done_keys(run: RunDir, *folder: str) -> pa.Array:
-    """Request ids already written under a folder (every part is read, so corruption shows)."""
-    table = run.read_tables(*folder)
-    return pa.array([], pa.string()) if table is None else table.column("key").combine_chunks()
+    """Request ids already written under a folder: only the key column of each part is read."""
+    names = run.list_files(*folder, suffix=".parquet")
+    keys = [run.read_table(*folder, name, columns=["key"]).column("key") for name in names]
+    return pa.chunked_array(keys, pa.string()).combine_chunks() if keys else pa.array([], pa.string())
 
 
-def requests_to_do(requests: pa.Table, done: pa.Array, lora: LoraAdapters | None) -> pa.Table:
-    """The requests not yet answered, with the columns the engines take: the key, the messages
-    and, with ``lora``, the adapter ("" = the base model when the requests name none). A first
-    run takes the table as it is: a filtered copy of a million requests is ~100 MB more."""
+def requests_to_do(requests: pa.Table, done: pa.Array, lora: LoraAdapters | None,
+                   carry: tuple[str, ...] = ()) -> pa.Table:
+    """The requests not yet answered, with the columns the engines take: the key, the messages,
+    the ``carry`` columns and, with ``lora``, the adapter ("" = the base model when the
+    requests name none). A first run takes the table as it is: a filtered copy of a million
+    requests is ~100 MB more."""
     todo = (requests if not len(done)
             else requests.filter(pc.invert(pc.is_in(requests.column("key"), value_set=done))))
-    columns = {"key": todo.column("key"), "messages": todo.column("messages")}
+    columns = {name: todo.column(name) for name in ("key", "messages", *carry)}
     if lora is not None:
         columns[ADAPTER_COLUMN] = (todo.column(ADAPTER_COLUMN) if ADAPTER_COLUMN in todo.column_names
                                    else pa.repeat(pa.scalar("", pa.string()), todo.num_rows))
     return pa.table(columns)
+
+
+def dataset_to_do(run: RunDir, folder: tuple[str, ...], requests, rows: int):
+    """A Ray Dataset of requests less those already answered under ``folder``: an anti-join on
+    the key column of the written parts, in Ray Data (no id set on the driver)."""
+    if not run.list_files(*folder, suffix=".parquet"):
+        return requests
+    done = run.dataset(*folder, columns=["key"])
+    return requests.join(done, join_type="left_anti", num_partitions=join_partitions(rows),
+                         on=("key",))
+
+
+def join_partitions(rows: int) -> int:
+    """Hash partitions of a Ray Data join of ``rows`` rows: about 50,000 rows each."""
+    return max(2, min(256, rows // 50_000 + 1))
+
+
+SUMMARY_SCHEMA = pa.schema([
+    ("rows", pa.int64()), ("written", pa.int64()), ("tokens", pa.int64()), ("failed", pa.int64()),
+    ("failed_key", pa.string()), ("failed_error", pa.string()),
+    ("window_start", pa.float64()), ("window_end", pa.float64()),
+])
+
+
+def write_answers(batch: pa.Table, run: RunDir, folder: tuple[str, ...],
+                  carry: tuple[str, ...]) -> pa.Table:
+    """Runs in a Ray Data task beside the engines: split one batch of engine output into
+    answers and failures, write the answers (result columns and ``carry``) as one Parquet part
+    under ``folder``, and return one summary row, so answers never travel to the driver."""
+    ok, failures = split_outcomes(batch, carry)
+    if ok.num_rows:
+        run.write_table(ok.select([*carry, *RESULT_SCHEMA.names]), *folder, part_name())
+    starts = pc.list_element(ok.column("engine_window"), 0)
+    ends = pc.list_element(ok.column("engine_window"), 1)
+    timed = pc.and_(pc.greater(starts, 0), pc.greater(ends, 0))
+    any_timed = ok.num_rows and pc.any(timed).as_py()
+    first = (failures.column("key")[0].as_py(), failures.column(ERROR_COLUMN)[0].as_py()) \
+        if failures.num_rows else ("", "")
+    return pa.Table.from_pylist([{
+        "rows": batch.num_rows, "written": ok.num_rows,
+        "tokens": pc.sum(ok.column("num_generated_tokens")).as_py() or 0,
+        "failed": failures.num_rows, "failed_key": first[0], "failed_error": first[1],
+        "window_start": pc.min(starts.filter(timed)).as_py() if any_timed else 0.0,
+        "window_end": pc.max(ends.filter(timed)).as_py() if any_timed else 0.0}],
+        schema=SUMMARY_SCHEMA)
 
 
 @dataclass
@@ -383,97 +471,96 @@ class Collected:
     engine window per batch (not per row), so its memory does not grow with the rows."""
 
     tokens: int = 0
+    written: int = 0
     failed: int = 0
     first_failure: tuple[str, str] | None = None  # (key, error)
     windows: list[tuple[float, float]] = field(default_factory=list)
 
-    def answers(self, batch: pa.Table) -> pa.Table:
-        """Count a batch of engine output; return its answered rows in the result schema."""
-        ok, failures = split_outcomes(batch)
-        if self.first_failure is None and failures.num_rows:
-            self.first_failure = (failures.column("key")[0].as_py(),
-                                  failures.column(ERROR_COLUMN)[0].as_py())
-        self.failed += failures.num_rows
-        self.tokens += pc.sum(ok.column("num_generated_tokens")).as_py() or 0
-        starts = pc.list_element(ok.column("engine_window"), 0)
-        ends = pc.list_element(ok.column("engine_window"), 1)
-        timed = pc.and_(pc.greater(starts, 0), pc.greater(ends, 0))
-        if pc.any(timed).as_py():
-            self.windows.append((pc.min(starts.filter(timed)).as_py(),
-                                 pc.max(ends.filter(timed)).as_py()))
-        return ok.select(RESULT_SCHEMA.names)
+    def add(self, summary: pa.Table) -> int:
+        """Count the summary rows of written batches (``write_answers``); return the rows seen."""
+        for row in summary.to_pylist():
+            self.tokens += row["tokens"]
+            self.written += row["written"]
+            self.failed += row["failed"]
+            if self.first_failure is None and row["failed"]:
+                self.first_failure = (row["failed_key"], row["failed_error"])
+            if row["window_start"] and row["window_end"]:
+                self.windows.append((row["window_start"], row["window_end"]))
+        return pc.sum(summary.column("rows")).as_py() or 0
 
 
 def generate(
     run: RunDir,
     folder: tuple[str, ...],
-    requests: pa.Table,
+    requests,
     model: ModelConfig,
     engine: EngineConfig,
     sampling: SamplingConfig,
     desc: str,
     lora: LoraAdapters | None = None,
     engines: SharedEngines | None = None,
+    carry: tuple[str, ...] = (),
+    rows: int = 0,
 ) -> GenerationStats:
-    """Generate an answer for every request not yet under ``folder``; write results in parts.
-    Sends the rows to ``engines``' shared pool of ``model`` when given (started on first use),
-    else starts an engine pool of its own (``model``, with ``lora``'s adapters when given)."""
+    """Generate an answer for every request not yet under ``folder``; the engines' neighbours
+    write the answers in Parquet parts of ``engine.shard_rows`` there, with the request's
+    ``carry`` columns beside them. ``requests``: a table, or a Ray Dataset of ``rows`` requests
+    (``key``, ``messages``, the ``carry`` columns; keys unique). Sends the rows to ``engines``' shared pool of
+    ``model`` when given (started on first use), else starts an engine pool of its own
+    (``model``, with ``lora``'s adapters when given)."""
     import ray
 
     started = time.perf_counter()
-    done = done_keys(run, *folder)
-    todo = requests_to_do(requests, done, lora)
-    if len(done):
-        print(f"[{desc}] resuming: {len(done)} done, {todo.num_rows} to go", flush=True)
-    if todo.num_rows == 0:
-        return GenerationStats(requests.num_rows, 0, 0, 0.0)
+    if isinstance(requests, pa.Table):
+        done = done_keys(run, *folder)
+        todo = requests_to_do(requests, done, lora, carry)
+        total, remaining = requests.num_rows, todo.num_rows
+        resuming = f"{len(done)} done, {remaining} to go" if len(done) else ""
+    else:  # a Dataset: what is done is counted from the parts' footers, not read
+        written = run.count_rows(*folder)
+        todo = dataset_to_do(run, folder, requests, rows)
+        total, remaining = rows, rows - written
+        resuming = f"{written} done, {remaining} to go" if written else ""
+    if resuming:
+        print(f"[{desc}] resuming: {resuming}", flush=True)
+    if remaining <= 0:
+        return GenerationStats(total, 0, 0, 0.0)
     if engine.check_resources:
         check_engine_fits(engine, ray.cluster_resources())
     launched = time.perf_counter()
     if engines is not None and lora is None:
-        processor, started_pool = engines.processor(model, engine, sampling)
+        processor, started_pool = engines.processor(model, engine, sampling, carry)
     else:
         if engines is not None:  # a pool of its own: the shared one's CPUs and GPUs are freed
             engines.release()
-        processor, started_pool = build_engine_processor(model, engine, sampling, lora), True
-    dataset = processor(prompt_dataset(todo, model, engine))
+        processor, started_pool = build_engine_processor(model, engine, sampling, lora, carry), True
+    answered = processor(prompt_dataset(todo, model, engine, remaining))
+    summaries = answered.map_batches(
+        write_answers, fn_kwargs={"run": run, "folder": folder, "carry": carry},
+        batch_format="pyarrow", batch_size=engine.shard_rows, num_cpus=LIGHT_CPU)
     console.quiet()  # ray.llm's loggers come up with the processor
     first_result_s: float | None = None
 
     collected = Collected()
-    buffer: list[pa.Table] = []  # answers not yet written, ``waiting`` rows
-    written = waiting = 0
-    bar = tqdm(total=todo.num_rows, desc=desc, unit="row", dynamic_ncols=True)
+    bar = tqdm(total=remaining, desc=desc, unit="row", dynamic_ncols=True)
     bar.set_postfix_str("starting engines" if started_pool else "waiting for the first answers")
-
-    def flush() -> None:
-        nonlocal written, waiting
-        if waiting:
-            run.write_table(pa.concat_tables(buffer), *folder,
-                            f"part-{time.time_ns()}-{uuid.uuid4().hex[:6]}.parquet")
-            written, waiting = written + waiting, 0
-        buffer.clear()
-
-    for batch in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
+    for summary in summaries.iter_batches(batch_size=None, batch_format="pyarrow"):
         if first_result_s is None:
             first_result_s = time.perf_counter() - launched
-        buffer.append(collected.answers(batch))
-        waiting += buffer[-1].num_rows
+        seen = collected.add(summary)
         # rows/s and tokens/s over the stage's wall time
         bar.set_postfix(tok_s=f"{collected.tokens / (time.perf_counter() - started):.0f}",
                         refresh=False)
-        bar.update(batch.num_rows)
-        if waiting >= engine.shard_rows:
-            flush()
-    flush()
+        bar.update(seen)
     bar.close()
     if collected.failed:
         key, error = collected.first_failure
         raise GenerationError(
-            f"{desc}: {collected.failed} of {todo.num_rows} requests failed in the engine "
-            f"(first: {key}: {error[:300]}); {written} were saved, rerun to retry the rest"
+            f"{desc}: {collected.failed} of {collected.failed + collected.written} requests "
+            f"failed in the engine (first: {key}: {error[:300]}); {collected.written} were "
+            "saved, rerun to retry the rest"
         )
-    return GenerationStats(requests.num_rows, written, collected.tokens,
+    return GenerationStats(total, collected.written, collected.tokens,
                            time.perf_counter() - started, busy_seconds(collected.windows),
                            engine_pools=int(started_pool),
                            first_result_s=first_result_s if started_pool else None)

@@ -1,7 +1,7 @@
 """The methods of the paper's comparison (Chen et al., ICLR 2024, sec. 4), each defined once.
 
 A ``Method`` says what its fine-tuning learns from the rows generated once for every method
-(``analyze/data.parquet``, ``baselines/data.parquet``), with which loss, how it is asked at
+(``analyze/data/``, ``baselines/data.parquet``), with which loss, how it is asked at
 evaluation, and where its stages write. ``compare``, the config's validation, the CLI's help and
 the reports all read ``METHODS``; adding a method is one entry here plus its tests. ``build``
 mixes every method's samples with the same helpful samples, so the methods differ only in what

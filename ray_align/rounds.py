@@ -37,8 +37,9 @@ def induced_instructions(run: RunDir, rounds: int) -> set[str]:
     seen: set[str] = set()
     for k in range(1, rounds + 1):
         folder = f"{round_folder(k)}induce"
-        if run.exists(folder, "data.parquet"):
-            seen.update(run.read_table(folder, "data.parquet").column("instruction").to_pylist())
+        if run.exists(folder, "data"):
+            seen.update(run.read_tables(folder, "data", columns=["instruction"])
+                        .column("instruction").to_pylist())
     return seen
 
 

@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 import shutil
+import time
 import uuid
 from collections.abc import Callable
 from datetime import timedelta
@@ -140,10 +141,11 @@ class RunDir:
     def write_table(self, table: pa.Table, *parts: str) -> None:
         self._atomic(parts, lambda tmp: pq.write_table(table, tmp, filesystem=self.fs))
 
-    def read_table(self, *parts: str) -> pa.Table:
-        """Read one Parquet file; a truncated or corrupt file raises StorageError naming it."""
+    def read_table(self, *parts: str, columns: list[str] | None = None) -> pa.Table:
+        """Read one Parquet file (only ``columns`` when given); a truncated or corrupt file
+        raises StorageError naming it."""
         try:
-            return pq.read_table(self.path(*parts), filesystem=self.fs)
+            return pq.read_table(self.path(*parts), filesystem=self.fs, columns=columns)
         except pa.ArrowInvalid as exc:
             raise StorageError(
                 f"{self.uri_of(*parts)} is not a readable Parquet file ({exc}); "
@@ -152,10 +154,25 @@ class RunDir:
         except OSError as exc:  # the storage itself: unreachable, access denied
             raise StorageError(f"cannot read {self.uri_of(*parts)}: {exc}") from exc
 
-    def read_tables(self, *parts: str) -> pa.Table | None:
-        """Concatenate every Parquet file of a folder, in name order; None if there is none."""
-        tables = [self.read_table(*parts, name) for name in self.list_files(*parts, suffix=".parquet")]
+    def read_tables(self, *parts: str, columns: list[str] | None = None) -> pa.Table | None:
+        """Concatenate every Parquet file of a folder (only ``columns`` when given), in name
+        order; None if there is none."""
+        tables = [self.read_table(*parts, name, columns=columns)
+                  for name in self.list_files(*parts, suffix=".parquet")]
         return pa.concat_tables(tables, promote_options="default") if tables else None
+
+    def count_rows(self, *parts: str) -> int:
+        """Rows in the Parquet files of a folder, from their footers (no data is read)."""
+        return sum(pq.read_metadata(self.path(*parts, name), filesystem=self.fs).num_rows
+                   for name in self.list_files(*parts, suffix=".parquet"))
+
+    def dataset(self, *parts: str, columns: list[str] | None = None):
+        """A folder of Parquet files as a Ray Dataset, read by Ray Data's tasks (a stage's
+        output at any size; files being written, ``*.parquet.tmp-*``, are not read)."""
+        import ray.data
+
+        return ray.data.read_parquet(self.path(*parts), filesystem=self.fs, columns=columns,
+                                     file_extensions=["parquet"])
 
     def fingerprint(self, *parts: str, salt: str = "") -> str:
         """A content hash of a file; of a folder (a model of many GB on object storage), a hash
@@ -205,6 +222,11 @@ class RunDir:
                                 destination_filesystem=pafs.LocalFileSystem())
         except OSError as exc:
             raise StorageError(f"cannot download {self.uri_of(*parts)} to {to}: {exc}") from exc
+
+
+def part_name() -> str:
+    """A new Parquet part's file name: unique across workers, attempts and machines."""
+    return f"part-{time.time_ns()}-{uuid.uuid4().hex[:6]}.parquet"
 
 
 REMOTE_SCHEMES = ("s3://", "gs://", "gcs://")

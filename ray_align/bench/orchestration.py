@@ -23,15 +23,16 @@ STUB_TOKENS = 8  # output tokens the stub claims per row
 REQUEST_CHUNK = 65536  # requests built per make_requests call: the table, not Python lists, grows
 
 
-def stub_processor(model, engine, sampling, lora=None):
+def stub_processor(model, engine, sampling, lora=None, carry=(), text="ok"):
     """Stands in for ``build_engine_processor``: same input blocks, same output columns (an
-    answered row's, with ray.data.llm's empty ``__inference_error__``), no engine (answers in
-    microseconds)."""
+    answered row's with the ``carry`` columns, and ray.data.llm's empty ``__inference_error__``),
+    no engine (answers in microseconds)."""
     import pyarrow as pa
 
     def answer(batch: pa.Table) -> pa.Table:
         n = batch.num_rows
-        return pa.table({"key": batch.column("key"), "generated_text": pa.array(["ok"] * n),
+        return pa.table({**{name: batch.column(name) for name in carry},
+                         "key": batch.column("key"), "generated_text": pa.array([text] * n),
                          "num_input_tokens": pa.compute.list_value_length(batch.column("prompt_ids")),
                          "num_generated_tokens": pa.array([STUB_TOKENS] * n, pa.int64()),
                          "error": pa.array([""] * n), "__inference_error__": pa.array([""] * n),

@@ -15,7 +15,7 @@ PIPELINE: tuple[str, ...] = ("induce", "analyze", "build", "train", "evaluate") 
 
 STAGES: dict[str, Stage] = {stage.name: stage for stage in (
     Stage("induce", ("model", "data.harmful", "data.max_prompt_chars", "data.on_bad_row", "engine",
-                     "induce"), (), induce.induce, GENERATION_SCRATCH),
+                     "induce"), (), induce.induce, (*GENERATION_SCRATCH, "prompts")),
     Stage("analyze", ("model", "engine", "analyze"), ("induce",), analyze.analyze, GENERATION_SCRATCH),
     Stage("build", ("model", "data.helpful", "data.max_prompt_chars", "data.on_bad_row", "build"),
           ("analyze",), build.build),

@@ -21,7 +21,7 @@ MIN_CHARS = 20  # shorter generations are unusable as training targets
 
 def baselines(ctx: Context) -> StageOutput:
     cfg, run = ctx.config, ctx.run
-    induced = run.read_table("induce", "data.parquet").to_pylist()
+    induced = run.read_tables("induce", "data").to_pylist()
     ctx.ensure_ray()
     sampling = cfg.compare.sampling
     keys, messages = [], []

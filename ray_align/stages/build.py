@@ -38,7 +38,7 @@ def _in_validation(row_id: str, fraction: float, seed: int) -> bool:
 
 def build(ctx: Context) -> StageOutput:
     """Mistake analysis samples (analyze's output) mixed with helpful data, into ``build/``."""
-    analyses = ctx.run.read_table("analyze", "data.parquet").to_pylist()
+    analyses = ctx.run.read_tables("analyze", "data").to_pylist()
     return write_samples(ctx, "build", mistake_analysis_samples(analyses, []))
 
 
@@ -51,7 +51,7 @@ def helpful_samples(ctx: Context, folder: str) -> tuple[list[Sample], list[dict]
     helpful = load_source(cfg.data.helpful, cfg.data.max_prompt_chars, cfg.data.on_bad_row, "helpful")
     rows = helpful.table.to_pylist()
     random.Random(cfg.build.seed).shuffle(rows)
-    wanted = round(cfg.build.helpful_ratio * ctx.run.read_table("induce", "data.parquet").num_rows)
+    wanted = round(cfg.build.helpful_ratio * ctx.run.count_rows("induce", "data"))
     if wanted > len(rows):
         print(f"[{folder}] asked for {wanted} helpful samples, {len(rows)} available: using all")
     samples = [Sample(f"helpful-{r['id']}", "helpful", prompts.helpful_sample_prompt(r["prompt"]),

@@ -44,7 +44,7 @@ def model_folder(name: str) -> str:
 def _build_method(name: str, ctx: Context) -> StageOutput:
     run = ctx.run
     rows = run.read_table("baselines", "data.parquet").to_pylist()
-    analyses = run.read_table("analyze", "data.parquet").to_pylist()
+    analyses = run.read_tables("analyze", "data").to_pylist()
     trained = method(name)
     return write_samples(ctx, f"{trained.folder}build", trained.samples(analyses, rows))
 

@@ -112,8 +112,10 @@ def packed_micro_per_epoch(train_cfg, run, build_folder: str, max_seq_len: int) 
 
     if not run.exists(build_folder, "train.parquet"):
         return None
-    table = run.read_table(build_folder, "train.parquet")
-    lengths = pc.list_value_length(table.column("input_ids")).to_pylist()
+    # the chosen answer's length without reading any token ids: num_tokens less the rejected's
+    table = run.read_table(build_folder, "train.parquet", columns=["num_tokens", "rejected_ids"])
+    lengths = pc.subtract(table.column("num_tokens"),
+                          pc.list_value_length(table.column("rejected_ids"))).to_pylist()
     share = len(lengths) // train_cfg.num_workers
     return max(packed_micro_batches(lengths[rank * share : (rank + 1) * share],
                                     train_cfg.micro_batch_size,

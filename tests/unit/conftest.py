@@ -1,4 +1,5 @@
-"""Unit-test fixtures: a run context on the tiny model (no Ray) and a stand-in for generation."""
+"""Unit-test fixtures: a run context on the tiny model (a local Ray for Ray Data, no engines) and a
+stand-in for generation."""
 
 from __future__ import annotations
 
@@ -16,23 +17,49 @@ from tests.conftest import write_jsonl
 from tests.unit.test_config import QUICKSTART
 
 
-def fake_generate(reply):
-    """Stand-in for ``generate``: writes ``reply(key, messages)`` for every request."""
+def as_table(requests) -> pa.Table:
+    """Requests as one table, whether a stage passed a table or a Ray Dataset."""
+    if isinstance(requests, pa.Table):
+        return requests
+    return pa.concat_tables(requests.iter_batches(batch_size=None, batch_format="pyarrow"))
 
-    def run(run_dir, folder, requests, model, engine, sampling, desc, lora=None, engines=None):
-        rows = [{"key": k, "generated_text": reply(k, json.loads(m)), "num_input_tokens": 1,
-                 "num_generated_tokens": 3}
-                for k, m in zip(requests.column("key").to_pylist(),
-                                requests.column("messages").to_pylist(), strict=True)]
-        run_dir.write_table(pa.Table.from_pylist(rows, schema=generation.RESULT_SCHEMA), *folder,
-                            "part-0.parquet")
-        return generation.GenerationStats(len(rows), len(rows), 3 * len(rows), 1.0, engine_pools=1)
+
+def fake_generate(reply):
+    """Stand-in for ``generate``: writes ``reply(key, messages)`` for every request (a table, or
+    a Ray Dataset as the stages on Datasets pass), with the ``carry`` columns beside it."""
+
+    def run(run_dir, folder, requests, model, engine, sampling, desc, lora=None, engines=None,
+            carry=(), rows=0):
+        requests = as_table(requests)
+        texts = [reply(k, json.loads(m)) for k, m in zip(requests.column("key").to_pylist(),
+                                                          requests.column("messages").to_pylist(),
+                                                          strict=True)]
+        table = pa.table({**{name: requests.column(name) for name in carry},
+                          "key": requests.column("key"), "generated_text": pa.array(texts, pa.string()),
+                          "num_input_tokens": pa.repeat(pa.scalar(1, pa.int64()), len(texts)),
+                          "num_generated_tokens": pa.repeat(pa.scalar(3, pa.int64()), len(texts))})
+        run_dir.write_table(table, *folder, "part-0.parquet")
+        return generation.GenerationStats(len(texts), len(texts), 3 * len(texts), 1.0, engine_pools=1)
 
     return run
 
 
+@pytest.fixture(scope="session")
+def local_ray():
+    """One local Ray per test process, for the stages that run on Ray Datasets (a bare Ray Data
+    call would join whatever cluster /tmp/ray last recorded: a stale one hangs)."""
+    import ray
+
+    from ray_align.config import RayConfig
+    from ray_align.pipeline import init_ray
+
+    init_ray(RayConfig(num_cpus=2))
+    yield
+    ray.shutdown()
+
+
 @pytest.fixture
-def ctx(tmp_path, tiny_model, monkeypatch):
+def ctx(tmp_path, tiny_model, monkeypatch, local_ray):
     harmful = write_jsonl(tmp_path / "harmful.jsonl",
                           [{"id": f"h{i}", "prompt": f"harmful request {i}"} for i in range(6)])
     helpful = write_jsonl(tmp_path / "helpful.jsonl",
@@ -46,7 +73,7 @@ def ctx(tmp_path, tiny_model, monkeypatch):
         f"evaluate.helpful={{path: {helpful}, id_column: id, response_column: response, offset: 6}}",
     ])
     context = Context(config=config, run=RunDir(config.run_dir))
-    context._ray_ready = True  # nothing here needs Ray
+    context._ray_ready = True  # Ray is the session's (``local_ray``)
     return context
 
 

@@ -146,7 +146,7 @@ def test_every_method_gets_the_same_helpful_samples(ctx, monkeypatch):
 
 def test_methods_keeping_different_numbers_of_rows_get_the_same_helpful_samples(ctx, monkeypatch):
     _prepare_shared(ctx, monkeypatch)
-    analyses = ctx.run.read_table("analyze", "data.parquet").to_pylist()
+    analyses = ctx.run.read_tables("analyze", "data").to_pylist()
     rows = ctx.run.read_table("baselines", "data.parquet").to_pylist()
     few = methods.METHODS["sft"].samples(analyses, rows[:2])  # as if most rows had been quarantined
     many = methods.METHODS["sft"].samples(analyses, rows)

@@ -101,7 +101,7 @@ class RecordingEngines(SharedEngines):
         super().__init__()
         self.stub_engines, self.asked, self.releases, self.closed = stub_engines, [], 0, False
 
-    def processor(self, model, engine, sampling):
+    def processor(self, model, engine, sampling, carry=()):
         started = model.path not in self.held
         self.held = {model.path: "d"}
         self.asked.append(model.path)

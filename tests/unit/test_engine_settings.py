@@ -88,9 +88,9 @@ class Recorder:
     def __init__(self, stub_engines):
         self.stub_engines, self.built = stub_engines, []
 
-    def build(self, model, engine, sampling, lora=None):
+    def build(self, model, engine, sampling, lora=None, carry=()):
         self.built.append((model.path, engine))
-        return self.stub_engines.build(model, engine, sampling, lora)
+        return self.stub_engines.build(model, engine, sampling, lora, carry)
 
 
 JUDGE_ENGINE = EngineConfig(pool=(1, 1), tensor_parallel_size=8, gpus_per_engine=1,

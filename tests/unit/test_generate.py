@@ -1,3 +1,5 @@
+import functools
+
 import pyarrow as pa
 import pytest
 
@@ -69,31 +71,48 @@ class StubEngines:
         self.adapters: list[list[str]] = []  # the adapter column of each call that had one
         self.lora = []  # the LoraAdapters each call was built with
 
-    def build(self, model, engine, sampling, lora=None):
+    def build(self, model, engine, sampling, lora=None, carry=()):
         def processor(blocks):
             assert isinstance(blocks, list) and all(isinstance(b, pa.Table) for b in blocks)
             self.sent.append([k for b in blocks for k in b.column("key").to_pylist()])
             self.lora.append(lora)
             if "adapter" in blocks[0].column_names:
                 self.adapters.append([a for b in blocks for a in b.column("adapter").to_pylist()])
-            return StubDataset(blocks, self.fail)
+            return StubDataset(blocks, self.fail, carry)
 
         return processor
 
 
 class StubDataset:
-    def __init__(self, blocks, fail):
-        self.blocks, self.fail = blocks, fail
+    """The engine stage's output, one batch per block, and Ray Data's ``map_batches`` over it
+    as ``generate`` uses it: batches of exactly ``batch_size`` rows (the last one shorter)."""
 
-    def iter_batches(self, *, batch_size, batch_format):
-        assert batch_size is None and batch_format == "pyarrow"
+    def __init__(self, blocks, fail, carry=()):
+        self.blocks, self.fail, self.carry = blocks, fail, carry
+
+    def engine_batches(self):
         for block in self.blocks:
             rows = []
             for i, row in enumerate(block.to_pylist()):
                 key = row["key"]
                 rows.append(vllm_failed(row, f"ValueError: engine died on {key}") if key in self.fail
                             else vllm_answered(row, f"answer to {key}", 3, (10.0 + i, 12.0 + i)))
-            yield engine_block(rows, generation.engine_answer)
+            yield engine_block(rows, functools.partial(generation.engine_answer, carry=self.carry))
+
+    def map_batches(self, fn, *, fn_kwargs, batch_format, batch_size, num_cpus):
+        assert batch_format == "pyarrow"
+        whole = pa.concat_tables(self.engine_batches(), promote_options="default")
+        return MappedDataset([fn(whole.slice(i, batch_size), **fn_kwargs)
+                              for i in range(0, whole.num_rows, batch_size)])
+
+
+class MappedDataset:
+    def __init__(self, outputs):
+        self.outputs = outputs
+
+    def iter_batches(self, *, batch_size, batch_format):
+        assert batch_size is None and batch_format == "pyarrow"
+        yield from self.outputs
 
 
 @pytest.fixture
@@ -105,7 +124,7 @@ def stub(monkeypatch):
     monkeypatch.setattr(generation, "build_engine_processor", engines.build)
     monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 2.0})
     # no Ray Data and no tokenizer: the blocks as a list, one token id per character of messages
-    monkeypatch.setattr(generation, "prompt_dataset", lambda todo, model, engine: [
+    monkeypatch.setattr(generation, "prompt_dataset", lambda todo, model, engine, rows=None: [
         fake_tokenize(block) for block in generation.request_blocks(todo, engine)])
     return engines
 
@@ -145,10 +164,10 @@ def test_results_are_written_in_parts_of_shard_rows(stub, tmp_path):
     assert run.read_tables("gen").schema == RESULT_SCHEMA
     assert (stats.requests, stats.generated_now, stats.output_tokens) == (10, 10, 30)
     assert stats.engine_s == 2.0  # the stub's windows, all (10, 12) for one-row batches
-    # batches larger than a part: each flush takes the whole buffer
+    # engine batches larger than a part: parts still hold shard_rows rows each
     other = RunDir(str(tmp_path / "other"))
     _generate(other, _requests(10), batch_size=4)
-    assert _parts(other) == [4, 4, 2]
+    assert _parts(other) == [3, 3, 3, 1]
 
 
 def test_a_rerun_sends_only_the_missing_ids(stub, tmp_path, capsys):

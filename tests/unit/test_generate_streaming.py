@@ -19,7 +19,9 @@ from ray_align.generate import (
     request_blocks,
     requests_to_do,
     tokenize_block,
+    write_answers,
 )
+from ray_align.storage import RunDir
 from ray_align.tokenization import chat_prompt_ids, load_tokenizer
 from tests.unit.ray_llm_rows import engine_block, vllm_answered, vllm_failed
 
@@ -98,14 +100,20 @@ def _batch(keys, errors, tokens, windows) -> pa.Table:
     return engine_block(rows, generation.engine_answer)
 
 
-def test_collected_counts_answers_failures_and_the_busy_window():
+def test_batches_are_written_beside_the_engines_and_only_counts_reach_the_driver(tmp_path):
+    run = RunDir(str(tmp_path))
     collected = Collected()
-    first = collected.answers(_batch(["a", "b", "c"], ["", "boom b", ""], [3, 0, 4],
-                                     [[10.0, 12.0], [0.0, 0.0], [11.0, 15.0]]))
-    assert first.schema == RESULT_SCHEMA and first.column("key").to_pylist() == ["a", "c"]
-    second = collected.answers(_batch(["d", "e"], ["", "boom e"], [2, 0], [[0.0, 0.0], [9.0, 30.0]]))
-    assert second.column("key").to_pylist() == ["d"]
-    assert (collected.tokens, collected.failed, collected.first_failure) == (9, 2, ("b", "boom b"))
+    first = _batch(["a", "b", "c"], ["", "boom b", ""], [3, 0, 4],
+                   [[10.0, 12.0], [0.0, 0.0], [11.0, 15.0]])
+    assert collected.add(write_answers(first, run, ("out",), ())) == 3
+    (part,) = run.list_files("out")
+    written = run.read_table("out", part)
+    assert written.schema == RESULT_SCHEMA and written.column("key").to_pylist() == ["a", "c"]
+    second = _batch(["d", "e"], ["", "boom e"], [2, 0], [[0.0, 0.0], [9.0, 30.0]])
+    assert collected.add(write_answers(second, run, ("out",), ())) == 2
+    assert sorted(run.read_tables("out").column("key").to_pylist()) == ["a", "c", "d"]
+    assert (collected.tokens, collected.written, collected.failed) == (9, 3, 2)
+    assert collected.first_failure == ("b", "boom b")
     # failed rows' windows are left out, as are rows without request stats
     assert collected.windows == [(10.0, 15.0)]
     assert generation.busy_seconds(collected.windows) == 5.0

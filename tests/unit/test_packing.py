@@ -154,7 +154,9 @@ def test_the_progress_bar_counts_packed_micro_batches(tmp_path):
 
     run = RunDir(str(tmp_path))
     lengths = [40, 300, 120, 90, 500, 60, 80, 250] * 4
-    run.write_table(pa.table({"input_ids": [list(range(n)) for n in lengths]}), "build", "train.parquet")
+    run.write_table(pa.table({"input_ids": [list(range(n)) for n in lengths], "num_tokens": lengths,
+                              "rejected_ids": pa.array([[]] * len(lengths), pa.list_(pa.int32()))}),
+                    "build", "train.parquet")
     train = TrainConfig(num_workers=2, micro_batch_size=1, grad_accum=2)
     per_epoch = packed_micro_per_epoch(train, run, "build", 512)
     assert per_epoch == packed_micro_batches(lengths[:16], 1, 16, 512) == 6  # 2720 tokens a rank

@@ -12,7 +12,7 @@ import pytest
 from ray_align.pipeline import StageOutput, run_stage, write_run_summary
 from ray_align.rounds import harmful_source, pipeline_plan, round_config
 from ray_align.stages import PIPELINE, STAGES, analyze, evaluate, induce
-from tests.unit.conftest import fake_generate
+from tests.unit.conftest import as_table, fake_generate
 
 
 def test_the_plan_runs_each_later_round_after_round_one_and_evaluates_every_model(ctx):
@@ -62,6 +62,7 @@ def test_each_round_has_its_own_stages_prompts_and_resume(ctx, monkeypatch, caps
         return "This is harmful because it helps."
 
     def recording(run_dir, folder, requests, model, *args, **kwargs):
+        requests = as_table(requests)
         asked.setdefault(f"{run_dir.uri}|{model.path}", set()).update(
             k.split("::")[0] for k in requests.column("key").to_pylist())
         return fake_generate(reply)(run_dir, folder, requests, model, *args, **kwargs)
@@ -78,7 +79,7 @@ def test_each_round_has_its_own_stages_prompts_and_resume(ctx, monkeypatch, caps
         3: ({"h4", "h5"}, run.uri_of("round2/train", "model")),
         4: ({"h0", "h1"}, run.uri_of("round3/train", "model")),
     }.items():
-        induced = set(run.read_table(f"round{k}/induce", "data.parquet").column("id").to_pylist())
+        induced = set(run.read_tables(f"round{k}/induce", "data").column("id").to_pylist())
         assert induced == ids, k
         assert asked[f"{run.uri_of(f'round{k}')}|{trained_from}"] == ids  # the model before it
         assert run.read_json(f"round{k}/train", "model", "config.json")["trained_from"] == trained_from

@@ -19,9 +19,10 @@ def test_induce_pairs_guided_and_unguided_answers(ctx, monkeypatch):
 
     monkeypatch.setattr(induce, "generate", fake_generate(reply))
     out = induce.induce(ctx)
-    table = ctx.run.read_table("induce", "data.parquet")
+    table = ctx.run.read_tables("induce", "data").sort_by("id")
     assert out.rows == 6 and table.column("id").to_pylist() == [f"h{i}" for i in range(6)]
-    assert table.schema.metadata[b"contains_harmful_text"] == b"true"
+    part = ctx.run.list_files("induce", "data", suffix=".parquet")[0]
+    assert ctx.run.read_table("induce", "data", part).schema.metadata[b"contains_harmful_text"] == b"true"
     assert table.column("unguided_refused").to_pylist() == [True] + [False] * 5
     assert out.metrics["unguided_non_refusal_rate"] == pytest.approx(5 / 6)
     assert "natural_mistake_rate" not in out.metrics
@@ -38,7 +39,7 @@ def test_analyze_quarantines_unusable_analyses(ctx, monkeypatch):
     monkeypatch.setattr(analyze, "generate", fake_generate(critique))
     out = analyze.analyze(ctx)
     assert out.rows == 5 and out.metrics["unusable"] == 1
-    quarantined = ctx.run.read_table("analyze", "quarantine.parquet").to_pylist()
+    quarantined = ctx.run.read_tables("analyze", "quarantine").to_pylist()
     assert [(r["id"], r["reason"]) for r in quarantined] == [("h1", "analysis has 0 characters (under 20)")]
 
 
@@ -46,9 +47,9 @@ def test_analyze_with_no_usable_analysis_points_at_the_written_quarantine(ctx, m
     monkeypatch.setattr(induce, "generate", fake_generate(lambda k, m: "Sure, here is how"))
     induce.induce(ctx)
     monkeypatch.setattr(analyze, "generate", fake_generate(lambda k, m: "too short"))
-    with pytest.raises(RuntimeError, match="no usable analysis.*analyze/quarantine.parquet"):
+    with pytest.raises(RuntimeError, match="no usable analysis.*analyze/quarantine"):
         analyze.analyze(ctx)
-    assert ctx.run.read_table("analyze", "quarantine.parquet").num_rows == 6
+    assert ctx.run.read_tables("analyze", "quarantine").num_rows == 6
 
 
 def test_short_generations_are_set_aside_with_every_short_field(ctx):

@@ -67,8 +67,10 @@ def test_packed_steps_are_counted_from_the_builds_token_lengths(tmp_path):
     config = load_config(QUICKSTART, [f"run_dir={tmp_path / 'run'}", "train.packing=true",
                                       "train.grad_accum=1"])
     run = RunDir(config.run_dir)
-    run.write_table(pa.table({"input_ids": [[1] * 100] * 40, "prompt_len": [1] * 40}), "build",
-                    "train.parquet")
+    run.write_table(pa.table({"input_ids": [[1] * 100] * 40, "prompt_len": [1] * 40,
+                              "num_tokens": [100] * 40,
+                              "rejected_ids": pa.array([[]] * 40, pa.list_(pa.int32()))}),
+                    "build", "train.parquet")
     steps, bound, _ = planned_steps(config, run)
     # 20 rows a worker of 100 tokens in sequences of up to 1,024: 2 packed micro-batches
     assert (steps, bound) == (train_stage.packed_micro_per_epoch(
