@@ -143,7 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = commands.add_parser(
         "bench", help="benchmark ray_align against the raw engines (generation, training, scale, "
-        "orchestration)",
+        "orchestration, pipeline)",
         description="Run ray_align and its baselines side by side, each in a fresh process, on "
                     "the config's model and data; print a table and write JSON.\n"
                     "  generation: induce machinery vs vLLM LLM.chat vs transformers generate\n"
@@ -151,10 +151,13 @@ def build_parser() -> argparse.ArgumentParser:
                     "  scale:      cost per item of induce+analyze and of training as sizes grow\n"
                     "  orchestration: rows/s of generate() around an instant stub engine\n"
                     "  loss:       peak memory of one micro-batch, full-logits vs chunked loss\n"
+                    "  pipeline:   rows/s per stage and the driver's peak memory at 100k-1M "
+                    "prompts, instant stub engine\n"
                     "The GPU benchmark of the training core (1.1B Llama, MFU) needs no Ray or "
                     "config: python -m ray_align.bench.gpu --help",
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    bench.add_argument("name", choices=["generation", "training", "scale", "orchestration", "loss"],
+    bench.add_argument("name", choices=["generation", "training", "scale", "orchestration", "loss",
+                                        "pipeline"],
                        help="which benchmark (orchestration: generate() with an instant stub engine)")
     bench.add_argument("config", nargs="?", default="configs/quickstart.yaml",
                        help="config whose model, engine, training and data settings are used "
@@ -167,6 +170,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--sizes", default=None,
                        help="scale: prompt counts (default 64,256,1024); orchestration: rows "
                        "(default 10000,100000,1000000)")
+    bench.add_argument("--stages", default="induce,analyze,build,plan",
+                       help="pipeline: the stages to run (plan: the training data plan)")
     bench.add_argument("--train-sizes", default="64,256,1024", help="scale: training row counts")
     bench.add_argument("--tokens", type=int, default=4096, help="loss: tokens in the micro-batch")
     bench.add_argument("--repeats", type=int, default=1, help="runs per contender (medians)")
@@ -319,7 +324,7 @@ def run_comparison(config, args: argparse.Namespace) -> None:
 
 
 def _bench(args, config) -> int:
-    from ray_align.bench import generation, loss, orchestration, scale, training
+    from ray_align.bench import generation, loss, orchestration, pipeline, scale, training
     from ray_align.bench.common import machine, write_json
 
     def sizes(text: str) -> list[int]:
@@ -332,6 +337,9 @@ def _bench(args, config) -> int:
         result = training.bench(config, rows=args.rows, repeats=args.repeats)
     elif args.name == "loss":
         result = loss.bench(config, tokens=args.tokens)
+    elif args.name == "pipeline":
+        result = pipeline.bench(config, sizes(args.sizes or "100000,300000,1000000"),
+                                tuple(s for s in args.stages.split(",") if s))
     elif args.name == "orchestration":
         result = orchestration.bench(config, sizes(args.sizes or "10000,100000,1000000"))
     else:

@@ -111,7 +111,7 @@ def test_engine_pool_scales_worker_nodes_up_and_back_down(tiny_model, tmp_path):
             cwd=REPO, env={**env, "RAY_ADDRESS": gcs}, capture_output=True, text=True, timeout=900)
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
         finished = time.time()
-        table = pq.read_table(tmp_path / "run" / "induce" / "data.parquet")
+        table = pq.read_table(tmp_path / "run" / "induce" / "data")
         assert table.num_rows == 24
 
         wait_for(lambda: len(timeline[-1]["cpu_in_use"]) == 1, 180, "idle worker nodes to go")

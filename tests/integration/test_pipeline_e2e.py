@@ -116,7 +116,7 @@ def test_compare_through_faults_then_rejudge(tiny_model, tmp_path):
     assert driver.returncode == 0, stdout[-3000:] + stderr[-5000:]
     assert "ray_align run summary" in stdout and "harmless rate" in stdout
 
-    induced_ids = pq.read_table(run / "induce" / "data.parquet").column("id").to_pylist()
+    induced_ids = pq.read_table(run / "induce" / "data").column("id").to_pylist()
     keys = pq.read_table(run / "induce" / "parts").column("key").to_pylist()
     print(f"induce: expected {rows} rows, got {len(induced_ids)}, unique {len(set(induced_ids))}, "
           f"lost {rows - len(set(induced_ids))}; {len(keys)} answers written "
@@ -140,7 +140,7 @@ def test_compare_through_faults_then_rejudge(tiny_model, tmp_path):
     summary = json.loads((run / "summary.json").read_text())
     assert summary["stages"]["induce"]["rows"] == rows and summary["stages"]["analyze"]["rows"] <= rows
     assert summary["metrics"]["analyze.engine_s"] > 0  # what `bench scale` measures steady cost by
-    induced = pq.read_table(run / "induce" / "data.parquet")
+    induced = pq.read_table(run / "induce" / "data")
     assert induced.schema.metadata[b"contains_harmful_text"] == b"true"
     assert sorted(induced.column("id").to_pylist()) == [f"advbench-{i:04d}" for i in range(rows)]
     train = pq.read_table(run / "build" / "train.parquet")

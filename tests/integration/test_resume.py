@@ -81,7 +81,7 @@ def test_run_on_s3_resumes_induce_and_training_then_serves_the_exported_model(
     keys = run.read_tables("induce", "parts").column("key").to_pylist()
     print(f"after resume: {len(keys)} generations, {len(set(keys))} distinct")
     assert len(keys) == len(set(keys)) == 2 * rows
-    induced = run.read_table("induce", "data.parquet")
+    induced = run.read_tables("induce", "data")
     assert induced.num_rows == rows and len(set(induced.column("id").to_pylist())) == rows
 
     # Only execution settings differ: finished stages are skipped, training resumes.
