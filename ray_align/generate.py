@@ -247,10 +247,19 @@ def engine_answer(row: dict, carry: tuple[str, ...] = ()) -> dict[str, Any]:
                          row.get("num_generated_tokens"), engine_window(row.get("metrics")))}
 
 
+CARRY_PREFIX = "__carry_"  # a carried column's name through the engines: a reply's own fields
+# (an OpenAI completion's ``id``, vLLM's ``prompt``, ``metrics``...) would overwrite a plain one
+
+
 def carried(row: dict, carry: tuple[str, ...]) -> dict[str, Any]:
     """The request columns a stage keeps beside each answer (its payload: the instruction, the
     category...), so nothing has to be joined back to the answers on the driver."""
-    return {name: row[name] for name in carry}
+    return {name: row[CARRY_PREFIX + name] for name in carry}
+
+
+def with_carry_names(block: pa.Table, carry: tuple[str, ...]) -> pa.Table:
+    """A block of requests with its ``carry`` columns renamed for the trip through the engines."""
+    return block.rename_columns([CARRY_PREFIX + n if n in carry else n for n in block.column_names])
 
 
 def failure_texts(batch: pa.Table) -> pa.ChunkedArray:
@@ -284,7 +293,9 @@ def split_outcomes(batch: pa.Table, carry: tuple[str, ...] = ()) -> tuple[pa.Tab
     answers = batch.filter(ok)
     columns = {name: answers.column(name).cast(kind) if answers.num_rows else pa.array([], kind)
                for name, kind in zip(ANSWER_SCHEMA.names, ANSWER_SCHEMA.types, strict=True)}
-    return pa.table({**{name: answers.column(name) for name in carry}, **columns}), failures
+    kept = {name: answers.column(name) if name in answers.column_names else pa.nulls(0)
+            for name in carry}  # a block of failures only has no carried answer columns
+    return pa.table({**kept, **columns}), failures
 
 
 def request_seed(seed: int, key: str) -> int:
@@ -413,16 +424,20 @@ def requests_to_do(requests: pa.Table, done: pa.Array, lora: LoraAdapters | None
     requests is ~100 MB more."""
     todo = (requests if not len(done)
             else requests.filter(pc.invert(pc.is_in(requests.column("key"), value_set=done))))
-    columns = {name: todo.column(name) for name in ("key", "messages", *carry)}
+    columns = {name: todo.column(name) for name in ("key", "messages")}
+    columns.update({CARRY_PREFIX + name: todo.column(name) for name in carry})
     if lora is not None:
         columns[ADAPTER_COLUMN] = (todo.column(ADAPTER_COLUMN) if ADAPTER_COLUMN in todo.column_names
                                    else pa.repeat(pa.scalar("", pa.string()), todo.num_rows))
     return pa.table(columns)
 
 
-def dataset_to_do(run: RunDir, folder: tuple[str, ...], requests, rows: int):
+def dataset_to_do(run: RunDir, folder: tuple[str, ...], requests, rows: int,
+                  carry: tuple[str, ...] = ()):
     """A Ray Dataset of requests less those already answered under ``folder``: an anti-join on
     the key column of the written parts, in Ray Data (no id set on the driver)."""
+    requests = requests.map_batches(with_carry_names, fn_kwargs={"carry": carry},
+                                    batch_format="pyarrow", num_cpus=LIGHT_CPU)
     if not run.list_files(*folder, suffix=".parquet"):
         return requests
     done = run.dataset(*folder, columns=["key"])
@@ -518,7 +533,7 @@ def generate(
         resuming = f"{len(done)} done, {remaining} to go" if len(done) else ""
     else:  # a Dataset: what is done is counted from the parts' footers, not read
         written = run.count_rows(*folder)
-        todo = dataset_to_do(run, folder, requests, rows)
+        todo = dataset_to_do(run, folder, requests, rows, carry)
         total, remaining = rows, rows - written
         resuming = f"{written} done, {remaining} to go" if written else ""
     if resuming:

@@ -31,7 +31,9 @@ def stub_processor(model, engine, sampling, lora=None, carry=(), text="ok"):
 
     def answer(batch: pa.Table) -> pa.Table:
         n = batch.num_rows
-        return pa.table({**{name: batch.column(name) for name in carry},
+        from ray_align.generate import CARRY_PREFIX
+
+        return pa.table({**{name: batch.column(CARRY_PREFIX + name) for name in carry},
                          "key": batch.column("key"), "generated_text": pa.array([text] * n),
                          "num_input_tokens": pa.compute.list_value_length(batch.column("prompt_ids")),
                          "num_generated_tokens": pa.array([STUB_TOKENS] * n, pa.int64()),

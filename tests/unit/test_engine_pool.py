@@ -4,6 +4,7 @@ shuts its pools down. The real Serve deployment runs in tests/integration/test_t
 
 from __future__ import annotations
 
+import pyarrow as pa
 import pytest
 
 from ray_align import engine_pool
@@ -162,3 +163,14 @@ def test_training_frees_the_pools_unless_they_are_kept(tmp_path):
 def test_an_unknown_engine_setting_is_named(tmp_path):
     with pytest.raises(ConfigError, match="share_across_stage"):
         _context(tmp_path, "engine.share_across_stage=true")
+
+
+def test_a_carried_id_survives_the_completion_replys_own_id():
+    # Ray's stage merges the reply into the request row: an OpenAI completion's "id" would
+    # overwrite a carried column named "id" (every induce row lost its prompt's id on Serve)
+    from ray_align.generate import CARRY_PREFIX, with_carry_names
+
+    block = with_carry_names(pa.table({"key": ["h1::guided"], "id": ["h1"]}), ("id",))
+    row = {**block.to_pylist()[0], "id": "cmpl-7", "choices": [{"text": "hi"}], "usage": {}}
+    assert f"{CARRY_PREFIX}id" in row
+    assert completion_result(row, carry=("id",))["id"] == "h1"
