@@ -532,6 +532,8 @@ def generate(
         total, remaining = requests.num_rows, todo.num_rows
         resuming = f"{len(done)} done, {remaining} to go" if len(done) else ""
     else:  # a Dataset: what is done is counted from the parts' footers, not read
+        if rows <= 0:
+            raise ValueError(f"{desc}: a Dataset of requests needs its row count (rows=)")
         written = run.count_rows(*folder)
         todo = dataset_to_do(run, folder, requests, rows, carry)
         total, remaining = rows, rows - written
