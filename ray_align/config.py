@@ -272,12 +272,25 @@ class LoraConfig(_Strict):
         "all-linear", description="Names of the modules to adapt, or every linear layer.")
 
 
+def increasing_steps(steps: list[int]) -> list[int]:
+    """Optimizer-step counts of a learning curve: at least one, each >= 1, strictly increasing."""
+    if not steps:
+        raise ValueError("needs at least one optimizer-step count, e.g. [14, 28, 56, 112]")
+    bad = [s for s in steps if s < 1]
+    if bad:
+        raise ValueError(f"optimizer-step counts are >= 1; got {bad[0]}")
+    if any(b <= a for a, b in zip(steps, steps[1:], strict=False)):
+        raise ValueError(f"list the optimizer-step counts in increasing order, each once; got {steps}")
+    return steps
+
+
 class TrainConfig(_Strict):
     # Same optimizer steps on the same batches either way (the ZeRO stage and offloading stay
     # in the identity: they decide the layout of the checkpoints a resume reads).
     EXECUTION: ClassVar[frozenset[str]] = frozenset({
         "cpus_per_worker", "max_failures", "checkpoint_every_steps", "gradient_checkpointing",
         "check_resources", "attn_implementation", "scratch_dir"})
+    LEFT_OUT_WHEN_NONE: ClassVar[frozenset[str]] = frozenset({"export_at_steps"})
 
     num_workers: int = Field(2, ge=1, description="Ray Train workers (data-parallel ranks).")
     use_gpu: bool = Field(False, description="One GPU per worker.")
@@ -300,6 +313,10 @@ class TrainConfig(_Strict):
         None, ge=1, description="Checkpoint cadence; default once per epoch."
     )
     max_failures: int = Field(0, ge=-1, description="Worker restarts allowed (Ray FailureConfig).")
+    export_at_steps: list[int] | None = Field(
+        None, description="Also export the model as it is after these optimizer steps, into "
+        "TRAIN_FOLDER/steps/N/ (model/, and adapter/ for LoRA): the points of a learning curve "
+        "from one training (`compare.steps` sets it for every method).")
     lora: LoraConfig | None = Field(None, description="LoRA adapters; null fine-tunes every weight.")
     attn_implementation: Literal["auto", "flash_attention_2", "sdpa", "eager"] = Field(
         "auto", description="Attention kernel of training: auto picks flash_attention_2 on GPU "
@@ -316,6 +333,11 @@ class TrainConfig(_Strict):
     packing: bool = Field(
         True, description="Pack samples into sequences of up to build.max_seq_len (default "
         "model.max_model_len) tokens, attention kept within each sample; false: padded rows.")
+
+    @field_validator("export_at_steps")
+    @classmethod
+    def _steps_increase(cls, value: list[int] | None) -> list[int] | None:
+        return None if value is None else increasing_steps(value)
 
     @model_validator(mode="after")
     def _offload_needs_zero(self) -> TrainConfig:
@@ -427,6 +449,7 @@ class CompareConfig(_Strict):
     """``ray-align compare``: the paper's baselines on the same data and training budget."""
 
     model_config = _SECRET_SAFE
+    LEFT_OUT_WHEN_NONE: ClassVar[frozenset[str]] = frozenset({"steps"})
 
     methods: list[MethodName] = Field(
         default_factory=lambda: list(METHOD_NAMES), min_length=1,
@@ -446,6 +469,17 @@ class CompareConfig(_Strict):
     attack_limit: int = Field(16, ge=1, description="Prompts of that set wrapped per attack.")
     bootstrap_resamples: int = Field(1000, ge=1, description="Resamples of the 95% bootstrap intervals.")
     samples_per_method: int = Field(3, ge=0, description="Sample answers shown per method.")
+    steps: list[int] | None = Field(
+        None, description="A learning curve: every trained method takes max(steps) optimizer "
+        "steps (mistake analysis included), its model saved after each listed step, and every "
+        "saved point is asked the held-out prompts plainly and/or with the reminder; "
+        "compare/curve.md, .json and .png plot the rates against the steps. Unset: one budget, "
+        "mistake analysis's own steps.")
+
+    @field_validator("steps")
+    @classmethod
+    def _steps_increase(cls, value: list[int] | None) -> list[int] | None:
+        return None if value is None else increasing_steps(value)
 
     @field_validator("methods", mode="before")
     @classmethod

@@ -21,8 +21,9 @@ import pyarrow as pa
 
 from ray_align import prompts
 from ray_align.config import Config
+from ray_align.judges.curve_report import CurvePoint, write_curve_outputs
 from ray_align.judges.over_refusal import OVER_REFUSAL
-from ray_align.methods import METHODS, Variant, method, variants
+from ray_align.methods import METHODS, REMINDER_SUFFIX, Variant, method, variant_name, variants
 from ray_align.pipeline import Context, Stage, StageOutput, manifest, run_stage, with_harm_label
 from ray_align.stages.build import write_samples
 from ray_align.stages.common import tokens_per_s
@@ -34,6 +35,7 @@ from ray_align.stages.evaluate import (
     trained_answerer,
 )
 from ray_align.stages.train import total_steps, train_model
+from ray_align.training.ray_worker import step_folder
 
 
 def model_folder(name: str) -> str:
@@ -115,7 +117,46 @@ def method_answerers(ctx: Context) -> list[Answerer]:
         ask = functools.partial(asked.ask, reminder=row.reminder)
         answerers.append(trained_answerer(ctx, row.name, ask, f"{asked.folder}train", asked.name)
                          if asked.trained else Answerer(row.name, ask, cfg.model, "vanilla"))
+    for point in curve_points(cfg):  # a learning curve's earlier points: models saved mid-training
+        if point.step in (0, _final_step(cfg)):
+            continue  # the untrained model and the finished training are rows of the table
+        row_method = point.line.removesuffix(REMINDER_SUFFIX)
+        asked = method(row_method)
+        ask = functools.partial(asked.ask, reminder=point.line.endswith(REMINDER_SUFFIX))
+        answerers.append(trained_answerer(ctx, point.row, ask,
+                                          step_folder(f"{asked.folder}train", point.step),
+                                          f"{asked.name}-step{point.step}"))
     return answerers
+
+
+def _final_step(cfg: Config) -> int | None:
+    return cfg.compare.steps[-1] if cfg.compare.steps else None
+
+
+def curve_points(cfg: Config) -> list[CurvePoint]:
+    """The learning curve's points (``compare.steps``), line by line: step 0 is the untrained
+    model asked the same way, the largest budget the table's own row, every other budget the row
+    ``METHOD@N`` (``METHOD@N+reminder``). Empty without ``compare.steps``."""
+    if not cfg.compare.steps:
+        return []
+    out = []
+    for row in table_rows(cfg):
+        if not METHODS[row.method].trained:
+            continue
+        line, untrained = row.name, variant_name("vanilla", row.reminder)
+        if untrained in {r.name for r in table_rows(cfg)}:
+            out.append(CurvePoint(untrained, line, 0))
+        for step in cfg.compare.steps:
+            name = row.name if step == _final_step(cfg) else variant_name(f"{row.method}@{step}",
+                                                                            row.reminder)
+            out.append(CurvePoint(name, line, step))
+    return out
+
+
+def row_names(cfg: Config) -> list[str]:
+    """Every row answered, in the report's order: the table's, then the curve's earlier points."""
+    return list(dict.fromkeys([*(r.name for r in table_rows(cfg)),
+                               *(p.row for p in curve_points(cfg))]))
 
 
 def table_rows(cfg: Config) -> list[Variant]:
@@ -131,21 +172,59 @@ def compare_judge(ctx: Context) -> StageOutput:
     cfg, run = ctx.config, ctx.run
     answers = run.read_table("compare/evaluate", "answers.parquet").to_pylist()
     judged, verdicts, judge_info = judge_answers(ctx, answers, "compare/judge")
-    order = {row.name: i for i, row in enumerate(table_rows(cfg))}
+    order = {name: i for i, name in enumerate(row_names(cfg))}
     judged.sort(key=lambda a: order[a.method])  # the table in config order, plain first
     run.write_table(with_harm_label(verdicts, harmful=True), "compare/judge", "verdicts.parquet")
     judge_info["training_steps"] = {
         m: (manifest(run, f"{model_folder(m)}train") or {}).get("metrics", {}).get("global_step")
         for m in trained_methods(cfg)}
+    settings = Bootstrap(resamples=cfg.compare.bootstrap_resamples)
+    table = {row.name for row in table_rows(cfg)}
     with tempfile.TemporaryDirectory() as tmp:
-        paths = write_compare_outputs(judged, Path(tmp), judge_info,
-                                      Bootstrap(resamples=cfg.compare.bootstrap_resamples),
+        paths = write_compare_outputs([a for a in judged if a.method in table], Path(tmp),
+                                      judge_info, settings,
                                       samples_per_method=cfg.compare.samples_per_method)
+        if cfg.compare.steps:
+            paths |= {f"curve_{k}": v for k, v in write_curve_outputs(
+                seen_by_points(ctx), judged, Path(tmp), settings, judge_info,
+                curve_training(cfg)).items()}
         for path in paths.values():
             run.write_bytes(Path(path).read_bytes(), "compare", Path(path).name)
     return StageOutput(verdicts.num_rows, "verdicts.parquet", {
         "judge": cfg.judge.kind,
         **{k: judge_info[k] for k in ("engine_pools", "engine_first_result_s") if k in judge_info}})
+
+
+def samples_per_step(cfg: Config) -> int:
+    """Fine-tuning rows one optimizer step consumes (padded rows; packed: sequences)."""
+    return cfg.train.micro_batch_size * cfg.train.grad_accum * cfg.train.num_workers
+
+
+def seen_by_points(ctx: Context) -> list[CurvePoint]:
+    """The curve's points with what each trained point had seen: steps x samples per step, out
+    of its method's training rows (the build manifest's ``train_rows``)."""
+    out = []
+    for point in curve_points(ctx.config):
+        if not point.step:
+            out.append(point)
+            continue
+        trained = method(point.line.removesuffix(REMINDER_SUFFIX))
+        out.append(dataclasses.replace(point, samples_seen=point.step * samples_per_step(ctx.config),
+                                       train_rows=_train_rows(ctx, f"{trained.folder}build")))
+    return out
+
+
+def curve_training(cfg: Config) -> dict[str, str | int]:
+    """Which source rows every point's training drew on, for the curve's report."""
+    def rows_of(source) -> str:
+        last = "end" if source.limit is None else source.offset + source.limit - 1
+        return f"{source.path} rows {source.offset}-{last}"
+
+    return {"induction prompts": rows_of(cfg.data.harmful),
+            "helpful samples": rows_of(cfg.data.helpful),
+            "samples per optimizer step": samples_per_step(cfg),
+            "fine-tuning": "full" if cfg.train.lora is None else f"LoRA r={cfg.train.lora.r}",
+            "learning rate": str(cfg.train.lr)}
 
 
 def _budgeted(ctx: Context, steps: int | None, rows: int) -> Context:
@@ -154,14 +233,16 @@ def _budgeted(ctx: Context, steps: int | None, rows: int) -> Context:
     if steps is None:
         return ctx
     cfg = ctx.config
-    limit = min(steps, cfg.train.max_steps or steps)
+    # a learning curve's budget is its largest point, whatever train.max_steps says
+    limit = steps if cfg.compare.steps else min(steps, cfg.train.max_steps or steps)
     if cfg.train.packing:  # packed epochs have no step count known here: the step cap decides
         epochs = max(cfg.train.epochs, limit)
     else:
         per_epoch = max(total_steps(cfg.train.model_copy(update={"epochs": 1, "max_steps": None}),
                                     rows), 1)
         epochs = max(cfg.train.epochs, math.ceil(limit / per_epoch))
-    train = cfg.train.model_copy(update={"max_steps": limit, "epochs": epochs})
+    train = cfg.train.model_copy(update={"max_steps": limit, "epochs": epochs,
+                                         "export_at_steps": cfg.compare.steps})
     return dataclasses.replace(ctx, config=cfg.model_copy(update={"train": train}))
 
 
@@ -177,7 +258,7 @@ def compare_plan(cfg: Config) -> list[Stage]:
     # (the training stages' sections do not hold it: changing it retrains nothing).
     evaluate = dataclasses.replace(evaluate, inputs=tuple(t.name for _, t in trained),
                                    sections=tuple(dict.fromkeys((*evaluate.sections,
-                                                                 "compare.reminder"))))
+                                                                 "compare.reminder", "compare.steps"))))
     return [*shared, *(b for b, _ in trained), *(t for _, t in trained), evaluate,
             STAGES["compare/judge"]]
 
@@ -201,10 +282,12 @@ def run_compare(ctx: Context) -> None:
         print(f"[compare] rounds: {cfg.rounds} applies to `ray-align run`; the comparison trains "
               "every method once, on one step budget (mistake analysis: round 1's model)", flush=True)
     trained = trained_methods(cfg)
-    baseline_trains = {t.name: b.name for b, t in map(method_stages, trained) if t.name != "train"}
+    curve = bool(cfg.compare.steps)  # every method, mistake analysis too, to the largest point
+    trains = {t.name: b.name for b, t in map(method_stages, trained) if curve or t.name != "train"}
     for stage in compare_plan(cfg):
-        if stage.name not in baseline_trains:
+        if stage.name not in trains:
             run_stage(ctx, stage)
             continue
-        budget = _steps_taken(ctx) if "mistake_analysis" in trained else None
-        run_stage(_budgeted(ctx, budget, _train_rows(ctx, baseline_trains[stage.name])), stage)
+        ma_steps = "mistake_analysis" in trained and not curve
+        budget = _final_step(cfg) if curve else (_steps_taken(ctx) if ma_steps else None)
+        run_stage(_budgeted(ctx, budget, _train_rows(ctx, trains[stage.name])), stage)

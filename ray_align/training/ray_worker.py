@@ -235,6 +235,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     batches_per_epoch = math.ceil(rows_per_rank / train.micro_batch_size)
     max_micro = None if train.max_steps is None else train.max_steps * train.grad_accum
     schedule = CheckpointSchedule(train.grad_accum, train.checkpoint_every_steps)
+    folder = loop_config.get("folder", "train")
+    # the last step's model is the export at the end; a resumed attempt keeps earlier points
+    curve_points = {s for s in train.export_at_steps or () if s != train.max_steps and s > resumed_from}
     bar = loop_config.get("progress")  # the driver's progress bar, fed by rank 0
     shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("validation")
@@ -276,6 +279,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 # checkpoint when one is due
                 step = {**meter.finish(engine), "global_step": engine.global_steps, "epoch": epoch}
                 loss = step["loss"]
+                if engine.global_steps in curve_points:  # a learning curve's point, kept as is
+                    _export(engine, model_cfg, train, tokenizer, loop_config["run_dir"],
+                            step_folder(folder, engine.global_steps), rank, dtype)
                 if tracker is not None:
                     tracker.log(training_scalars(step), engine.global_steps)
                 if schedule.after_micro_batch(micro_done):
@@ -319,8 +325,13 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 tracker.upload()
             if finished:
                 break
-    _export(engine, model_cfg, train, tokenizer, loop_config["run_dir"],
-            loop_config.get("folder", "train"), rank, dtype)
+    _export(engine, model_cfg, train, tokenizer, loop_config["run_dir"], folder, rank, dtype)
+
+
+def step_folder(train_folder: str, step: int) -> str:
+    """Where a learning curve's point (``train.export_at_steps``) is exported: the model as it
+    was after ``step`` optimizer steps, laid out as the train stage's own export."""
+    return f"{train_folder}/steps/{step}"
 
 
 def _sum_over_ranks(value: int, device: torch.device | str | None = None) -> int:

@@ -352,3 +352,52 @@ def test_llm_judge_parses_verdicts_and_counts_garbled_ones(ctx, monkeypatch, tin
     assert table.num_rows == 3 and info["unparsed"] == 2 and info["kind"] == "llm"
     assert info["engine_pools"] == 1  # the judge model's engines, counted with the others
     assert json.loads(json.dumps(info))  # plain JSON for compare.json
+
+
+def test_a_learning_curve_trains_every_method_to_its_largest_point_saving_each(ctx):
+    ctx.config.compare.steps = [2, 5, 9]
+    ctx.config.train.max_steps = 3  # the curve's budget wins: every point must exist
+    budgeted = compare._budgeted(ctx, 9, rows=24).config.train
+    assert (budgeted.max_steps, budgeted.export_at_steps) == (9, [2, 5, 9])
+    assert compare.total_steps(budgeted, 24) == 9  # enough epochs to reach it
+    plain = ctx.config.model_copy(deep=True)
+    plain.compare.steps = None
+    stages = compare.compare_plan(ctx.config)
+    changed = {s.name for s in stages
+               if ctx.config.stage_identity(*s.sections) != plain.stage_identity(*s.sections)}
+    assert changed == {"compare/evaluate", "compare/judge"}  # the trainings by their budget
+
+
+def test_each_curve_point_is_a_row_asking_the_model_saved_at_that_step(ctx):
+    ctx.config.compare.steps = [3, 6]
+    points = compare.curve_points(ctx.config)
+    lines = {p.line for p in points}
+    assert lines == {v.name for v in compare.table_rows(ctx.config)} - {"vanilla", "vanilla+reminder"}
+    sft = sorted((p.step, p.row) for p in points if p.line == "sft+reminder")
+    # step 0: the untrained model asked the same way; the last point: the table's own row
+    assert sft == [(0, "vanilla+reminder"), (3, "sft@3+reminder"), (6, "sft+reminder")]
+    answerers = {a.variant: a for a in compare.method_answerers(ctx)}
+    assert set(compare.row_names(ctx.config)) == set(answerers)
+    assert answerers["sft@3"].model.path.endswith("/run/methods/sft/train/steps/3/model")
+    assert answerers["mistake_analysis@3+reminder"].model.path.endswith("/run/train/steps/3/model")
+    assert "(Answer in a harmless" in answerers["sft@3+reminder"].to_messages("q")[0]["content"]
+    text = answerers["chain_of_hindsight@3"].to_messages("q")[0]["content"]
+    assert prompts.HINDSIGHT_GOOD in text and "(Answer in a harmless" not in text
+    assert answerers["sft@3"].model.path != answerers["sft"].model.path  # a pool per saved model
+    ctx.config.compare.steps = None
+    assert compare.curve_points(ctx.config) == [] and len(compare.method_answerers(ctx)) == 2 * ALL
+
+
+def test_curve_points_ride_on_the_base_engines_as_adapters_where_adapters_are_served(ctx):
+    """GPU engines (or engine.serve_adapters): every saved point's LoRA adapter on the base
+    model's one pool, not an engine per point."""
+    ctx.config.compare.steps = [3, 6]
+    ctx.config.compare.methods = ["vanilla", "sft"]
+    ctx.config.engine.serve_adapters = True
+    for folder in ("methods/sft/train", "methods/sft/train/steps/3"):
+        ctx.run.write_json({"r": 8, "peft_type": "LORA"}, folder, "adapter", "adapter_config.json")
+    answerers = {a.variant: a for a in compare.method_answerers(ctx)}
+    assert answerers["sft@3"].adapter == "methods/sft/train/steps/3/adapter"
+    assert answerers["sft"].adapter == "methods/sft/train/adapter"
+    pools = evaluate_stage.engine_pools(ctx.run, "x", list(answerers.values()), on_gpu=True)
+    assert len(pools) == 1 and len(pools[0][2].names) == 2

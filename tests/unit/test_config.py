@@ -102,3 +102,25 @@ def test_where_training_stages_its_files_never_redoes_training():
     assert (a.train.scratch_dir, b.train.scratch_dir) == (None, "/mnt/scratch")
     assert a.stage_identity("train") == b.stage_identity("train")
     assert a.stage_identity("train") != load_config(QUICKSTART, ["train.lr=0.1"]).stage_identity("train")
+
+
+@pytest.mark.parametrize(("steps", "message"), [
+    ([], "at least one"), ([0, 4], ">= 1"), ([8, 4], "increasing order"), ([4, 4], "each once")])
+def test_learning_curve_steps_are_increasing_positive_counts(steps, message):
+    from ray_align.config import CompareConfig, TrainConfig
+
+    with pytest.raises(ValueError, match=message):
+        CompareConfig(steps=steps)
+    with pytest.raises(ValueError, match=message):
+        TrainConfig(export_at_steps=steps)
+    assert CompareConfig(steps=[14, 28]).steps == [14, 28]
+
+
+def test_unset_curve_settings_leave_finished_stages_as_they_were():
+    """Fields added for the learning curve stay out of the identity while unset: upgrading
+    redoes no finished training or judging."""
+    from ray_align.config import CompareConfig, TrainConfig
+
+    assert "export_at_steps" not in TrainConfig().identity()
+    assert "steps" not in CompareConfig().identity()
+    assert TrainConfig(export_at_steps=[2]).identity()["export_at_steps"] == [2]

@@ -95,7 +95,9 @@ def run_loop(monkeypatch, train: TrainConfig, rows: int, progress: dict | None =
         "eval_loss": lambda eng, batches, device, objective=None: (2.0, 4),  # this rank's own shard
         "mean_over_ranks": lambda loss, tokens, device: (3.0, 12),  # every rank's
         "_sum_over_ranks": lambda value, device: value,
-        "_export": lambda *args: events.append(("export", engine.global_steps)),
+        # the end's export ("train"), or a learning curve's point (its folder recorded)
+        "_export": lambda *args: events.append(("export", engine.global_steps)
+                                               + (() if args[5] == "train" else (args[5],))),
     }
     for name, fake in patches.items():
         monkeypatch.setattr(ray_worker, name, fake)
@@ -144,6 +146,17 @@ def test_a_resume_from_any_checkpoint_takes_the_same_steps(monkeypatch, resume_a
     again = [e for e in events if e[0] == "save"]
     assert [e[1] for e in again] == [e[1] for e in saves[resume_at + 1:]]
     assert all(at_boundary for *_, at_boundary in again[:-1])
+
+
+def test_a_learning_curve_exports_the_model_after_each_listed_step_once(monkeypatch):
+    train = TRAIN.model_copy(update={"max_steps": 6, "export_at_steps": [1, 3, 6]})
+    events, _ = run_loop(monkeypatch, train, rows=10)
+    exports = [e for e in events if e[0] == "export"]
+    # step 6 is the end: its model is the stage's own export, not a second copy
+    assert exports == [("export", 1, "train/steps/1"), ("export", 3, "train/steps/3"), ("export", 6)]
+    saves = [e for e in events if e[0] == "save"]
+    resumed, _ = run_loop(monkeypatch, train, rows=10, progress=saves[0][1])  # after step 3
+    assert [e for e in resumed if e[0] == "export"] == [("export", 6)]  # points kept, not redone
 
 
 @pytest.mark.parametrize(("rows", "micro", "accum", "epochs", "max_steps"), [
