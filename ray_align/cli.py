@@ -135,8 +135,10 @@ def build_parser() -> argparse.ArgumentParser:
                     "training budget, each asked plainly and/or with the harmlessness reminder "
                     "(compare.reminder), judge every answer (judge: offline, llm or http), count "
                     "over-refusals, and write RUN/compare/compare.md, compare.json and "
-                    "compare.png. Shares the run directory with `ray-align run`: finished stages "
-                    "are reused. Methods: " + "; ".join(f"{m.name} ({m.summary})"
+                    "compare.png; with compare.steps (a learning curve: the model saved after "
+                    "each listed optimizer step of one training) also compare/curve.md, "
+                    "curve.json and curve.png. Shares the run directory with `ray-align run`: "
+                    "finished stages are reused. Methods: " + "; ".join(f"{m.name} ({m.summary})"
                                                         for m in METHODS.values()) + ".")
     _add_config_args(compare)
     _add_lease_args(compare)

@@ -155,8 +155,9 @@ class EngineConfig(_Strict):
     engine_kwargs: dict[str, Any] = Field(default_factory=dict, description="Passed to vLLM.")
     env: dict[str, str] = Field(default_factory=dict, description="Env vars for engine actors.")
     shard_rows: int = Field(2048, ge=1, description=(
-        "Rows per output file, the unit of resume: thousands, so a stage of 10M rows writes "
-        "thousands of files, not hundreds of thousands."))
+        "Most rows per output file, the unit of resume: thousands, so a stage of 10M rows "
+        "writes thousands of files, not hundreds of thousands (a small stage writes about 20 "
+        "parts of at least one engine batch, so its progress moves)."))
     check_resources: bool = Field(
         True, description="Refuse to start when the cluster cannot hold one engine; turn off "
         "when the autoscaler adds such nodes on demand.")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import time
 import zlib
 from collections.abc import Callable
@@ -504,6 +505,16 @@ class Collected:
         return pc.sum(summary.column("rows")).as_py() or 0
 
 
+PROGRESS_PARTS = 20  # a small stage still writes (and shows) its answers in about this many parts
+
+
+def part_rows(engine: EngineConfig, remaining: int) -> int:
+    """Answers per written part: at most ``engine.shard_rows`` (few files at scale), at least one
+    engine batch, and about a twentieth of a small stage, so that its progress moves and a crash
+    loses little."""
+    return min(engine.shard_rows, max(engine.batch_size, math.ceil(remaining / PROGRESS_PARTS)))
+
+
 def generate(
     run: RunDir,
     folder: tuple[str, ...],
@@ -518,11 +529,11 @@ def generate(
     rows: int = 0,
 ) -> GenerationStats:
     """Generate an answer for every request not yet under ``folder``; the engines' neighbours
-    write the answers in Parquet parts of ``engine.shard_rows`` there, with the request's
-    ``carry`` columns beside them. ``requests``: a table, or a Ray Dataset of ``rows`` requests
-    (``key``, ``messages``, the ``carry`` columns; keys unique). Sends the rows to ``engines``' shared pool of
-    ``model`` when given (started on first use), else starts an engine pool of its own
-    (``model``, with ``lora``'s adapters when given)."""
+    write the answers in Parquet parts of up to ``engine.shard_rows`` there (``part_rows``),
+    with the request's ``carry`` columns beside them. ``requests``: a table, or a Ray Dataset
+    of ``rows`` requests (``key``, ``messages``, the ``carry`` columns; keys unique). Sends the
+    rows to ``engines``' shared pool of ``model`` when given (started on first use), else
+    starts an engine pool of its own (``model``, with ``lora``'s adapters when given)."""
     import ray
 
     started = time.perf_counter()
@@ -554,7 +565,7 @@ def generate(
     answered = processor(prompt_dataset(todo, model, engine, remaining))
     summaries = answered.map_batches(
         write_answers, fn_kwargs={"run": run, "folder": folder, "carry": carry},
-        batch_format="pyarrow", batch_size=engine.shard_rows, num_cpus=LIGHT_CPU)
+        batch_format="pyarrow", batch_size=part_rows(engine, remaining), num_cpus=LIGHT_CPU)
     console.quiet()  # ray.llm's loggers come up with the processor
     first_result_s: float | None = None
 

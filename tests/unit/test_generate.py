@@ -15,6 +15,7 @@ from ray_align.generate import (
     engine_window,
     generate,
     make_requests,
+    part_rows,
     placement_bundles,
     results_by_id,
 )
@@ -153,8 +154,9 @@ def test_results_are_written_in_parts_of_shard_rows(stub, tmp_path):
     run = RunDir(str(tmp_path / "run"))
     stats = _generate(run, _requests(10))
     assert stub.sent == [[f"r{i}" for i in range(10)]]
-    # batches of one row; a part is written as soon as 3 rows are waiting, the rest at the end
-    assert _parts(run) == [3, 3, 3, 1]
+    # batches of one row in a stage of 10: a part per engine batch (a twentieth of the stage is
+    # less than one), so its progress moves and a crash loses one batch
+    assert _parts(run) == [1] * 10
     results = results_by_id(run, "gen")
     assert sorted(results) == sorted(f"r{i}" for i in range(10))
     assert all(r["generated_text"] == f"answer to {k}" and r["num_generated_tokens"] == 3
@@ -168,6 +170,14 @@ def test_results_are_written_in_parts_of_shard_rows(stub, tmp_path):
     other = RunDir(str(tmp_path / "other"))
     _generate(other, _requests(10), batch_size=4)
     assert _parts(other) == [3, 3, 3, 1]
+
+
+def test_a_small_stage_writes_parts_of_an_engine_batch_so_its_progress_moves():
+    engine = EngineConfig(batch_size=128, shard_rows=2048)
+    assert part_rows(engine, 256) == 128  # two parts, not one at the very end
+    assert part_rows(engine, 100_000) == 2048  # at scale: shard_rows, a few files
+    assert part_rows(engine, 20_000) == 1000  # about twenty parts
+    assert part_rows(EngineConfig(batch_size=1, shard_rows=3), 10) == 1
 
 
 def test_a_rerun_sends_only_the_missing_ids(stub, tmp_path, capsys):
