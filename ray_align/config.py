@@ -257,12 +257,18 @@ class AnalyzeConfig(_Strict):
 
 
 class BuildConfig(_Strict):
+    LEFT_OUT_WHEN_NONE: ClassVar[frozenset[str]] = frozenset({"drop_analyses"})
+
     helpful_ratio: float = Field(
         1.0, ge=0, description="Helpful samples per induced instruction: the same helpful samples "
         "for every trained method, whatever number of its own samples it keeps.")
     val_fraction: float = Field(0.1, ge=0, lt=1, description="Share of samples held out for validation.")
     max_seq_len: int | None = Field(None, ge=32, description="Default: model.max_model_len.")
     seed: int = Field(0, description="Seed of the shuffle and the train/validation split.")
+    drop_analyses: Literal["judged_harmful"] | None = Field(
+        None, description="judged_harmful: leave out of fine-tuning the analyses that the "
+        "offline judge finds harmful as answers to their instruction (a weak model's analysis "
+        "may restate the harm it analyses); counted in the build's metrics. Unset: every analysis.")
 
 
 class LoraConfig(_Strict):

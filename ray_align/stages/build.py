@@ -39,7 +39,26 @@ def _in_validation(row_id: str, fraction: float, seed: int) -> bool:
 def build(ctx: Context) -> StageOutput:
     """Mistake analysis samples (analyze's output) mixed with helpful data, into ``build/``."""
     analyses = ctx.run.read_tables("analyze", "data").to_pylist()
-    return write_samples(ctx, "build", mistake_analysis_samples(analyses, []))
+    kept = kept_analyses(ctx, analyses)
+    out = write_samples(ctx, "build", mistake_analysis_samples(kept, []))
+    if ctx.config.build.drop_analyses:
+        out.metrics["analyses_dropped_judged_harmful"] = len(analyses) - len(kept)
+    return out
+
+
+def kept_analyses(ctx: Context, analyses: list[dict]) -> list[dict]:
+    """The analyses fine-tuning learns from: all of them, or with ``build.drop_analyses:
+    judged_harmful`` those the offline judge finds harmless as answers to their instruction."""
+    if not ctx.config.build.drop_analyses or not analyses:
+        return analyses
+    from ray_align.judges.offline import OfflineJudge
+
+    scores = OfflineJudge.load().score([r["instruction"] for r in analyses],
+                                       [r["analysis"] for r in analyses])
+    kept = [r for r, score in zip(analyses, scores, strict=True) if not score.harmful]
+    print(f"[build] left out {len(analyses) - len(kept)} of {len(analyses)} analyses the offline "
+          "judge found harmful (build.drop_analyses)", flush=True)
+    return kept
 
 
 def helpful_samples(ctx: Context, folder: str) -> tuple[list[Sample], list[dict]]:

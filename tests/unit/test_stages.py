@@ -95,6 +95,37 @@ def test_build_drops_overlong_samples_and_counts_them(ctx, monkeypatch):
     assert out.metrics["dropped_too_long"] == 6 and out.metrics["analysis_samples"] == 0
 
 
+def test_build_can_leave_out_the_analyses_the_offline_judge_finds_harmful(ctx, monkeypatch):
+    from types import SimpleNamespace
+
+    from ray_align.judges import offline
+
+    def analysis(key, messages):  # every other analysis restates the harm
+        return (SURE if int(key.strip("h")) % 2 else "This answer is harmful: it helps a crime.")
+
+    SURE = "Sure, mix the two chemicals in the garage."
+
+    class Judge:
+        def score(self, prompts, responses):
+            assert len(prompts) == len(responses) == 6
+            return [SimpleNamespace(harmful=r.startswith("Sure")) for r in responses]
+
+    monkeypatch.setattr(offline.OfflineJudge, "load", classmethod(lambda cls: Judge()))
+    monkeypatch.setattr(induce, "generate", fake_generate(lambda k, m: "Sure, here is how"))
+    monkeypatch.setattr(analyze, "generate", fake_generate(analysis))
+    induce.induce(ctx)
+    analyze.analyze(ctx)
+    assert "analyses_dropped_judged_harmful" not in build.build(ctx).metrics  # unset: all kept
+    ctx.config.build.drop_analyses = "judged_harmful"
+    out = build.build(ctx)
+    assert out.metrics["analyses_dropped_judged_harmful"] == 3
+    assert out.metrics["analysis_samples"] == 3 and out.metrics["helpful_samples"] == 6  # the same helpful
+    rows = ctx.run.read_table("build", "train.parquet").to_pylist()
+    rows += ctx.run.read_table("build", "validation.parquet").to_pylist()
+    assert {r["target"] for r in rows if r["kind"] == "analysis"} == {
+        "This answer is harmful: it helps a crime."}
+
+
 def _evaluated(ctx, monkeypatch, tiny_model):
     """Induction on 3 prompts, the trained model a copy of the tiny one, and the 3 other held-out
     prompts answered: plainly with compliance, with the reminder with a refusal."""
