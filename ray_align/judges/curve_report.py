@@ -51,11 +51,15 @@ class CurvePoint:
     row: str
     line: str
     step: int
-    samples_seen: int = 0  # training samples consumed: step x samples per optimizer step
+    # training samples consumed: step x samples per optimizer step (None: packed sequences hold
+    # an unknown number of samples each)
+    samples_seen: int | None = 0
     train_rows: int = 0  # the method's fine-tuning rows (analyses or baseline samples + helpful)
 
     @property
-    def epochs_seen(self) -> float:
+    def epochs_seen(self) -> float | None:
+        if self.samples_seen is None:
+            return None
         return self.samples_seen / self.train_rows if self.train_rows else 0.0
 
 
@@ -76,7 +80,7 @@ def curve_data(points: Sequence[CurvePoint], answers: Sequence[JudgedAnswer], se
     for point in sorted(points, key=lambda p: (p.line, p.step)):
         rates = _rates(scores, point.row)
         shown = {"step": point.step, "row": point.row, "samples_seen": point.samples_seen,
-                 "epochs_seen": round(point.epochs_seen, 3),
+                 "epochs_seen": None if point.epochs_seen is None else round(point.epochs_seen, 3),
                  **{attr: estimate_dict(rates[attr]) for attr, _ in RATES}, "difference": {}}
         for attr, _ in RATES:
             d = diffs.get((point.row, attr))
@@ -154,8 +158,10 @@ def _training_note(data: Mapping[str, Any]) -> str:
         method = line["line"].removesuffix(REMINDER_SUFFIX)
         for p in line["points"]:
             if p["step"]:
-                rows[(method, p["step"])] = [method, str(p["step"]), str(p["samples_seen"]),
-                                             f"{p['epochs_seen']:.2f}"]
+                seen, epochs = p["samples_seen"], p["epochs_seen"]
+                rows[(method, p["step"])] = [method, str(p["step"]),
+                                             "n/a (packed)" if seen is None else str(seen),
+                                             "n/a" if epochs is None else f"{epochs:.2f}"]
     table = markdown_table(["method", "optimizer steps", "samples seen", "epochs of its rows"],
                            list(rows.values()))
     return "\n".join([*lines, "", table]) if lines else table

@@ -209,7 +209,8 @@ def seen_by_points(ctx: Context) -> list[CurvePoint]:
             out.append(point)
             continue
         trained = method(point.line.removesuffix(REMINDER_SUFFIX))
-        out.append(dataclasses.replace(point, samples_seen=point.step * samples_per_step(ctx.config),
+        seen = None if ctx.config.train.packing else point.step * samples_per_step(ctx.config)
+        out.append(dataclasses.replace(point, samples_seen=seen,
                                        train_rows=_train_rows(ctx, f"{trained.folder}build")))
     return out
 
@@ -221,7 +222,10 @@ def curve_training(cfg: Config) -> dict[str, str | int]:
         return f"{source.path} rows {source.offset}-{last}"
 
     return {"induction prompts": rows_of(cfg.data.harmful),
-            "helpful samples": rows_of(cfg.data.helpful),
+            "helpful samples": f"{cfg.build.helpful_ratio:g} per induced prompt, drawn (seed "
+                               f"{cfg.build.seed}) from {rows_of(cfg.data.helpful)}",
+            "analyses": "all" if not cfg.build.drop_analyses else
+                        f"without those {cfg.build.drop_analyses.replace('_', ' ')} (offline judge)",
             "samples per optimizer step": samples_per_step(cfg),
             "fine-tuning": "full" if cfg.train.lora is None else f"LoRA r={cfg.train.lora.r}",
             "learning rate": str(cfg.train.lr)}

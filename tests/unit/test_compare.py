@@ -401,3 +401,12 @@ def test_curve_points_ride_on_the_base_engines_as_adapters_where_adapters_are_se
     assert answerers["sft"].adapter == "methods/sft/train/adapter"
     pools = evaluate_stage.engine_pools(ctx.run, "x", list(answerers.values()), on_gpu=True)
     assert len(pools) == 1 and len(pools[0][2].names) == 2
+
+
+def test_the_curve_report_says_which_rows_every_point_trained_on(ctx):
+    ctx.config.data.harmful.offset, ctx.config.data.harmful.limit = 284, 128
+    ctx.config.build.drop_analyses = "judged_harmful"
+    said = compare.curve_training(ctx.config)
+    assert said["induction prompts"].endswith("rows 284-411")
+    assert "judged harmful" in said["analyses"]
+    assert said["samples per optimizer step"] == compare.samples_per_step(ctx.config) > 0
