@@ -416,6 +416,9 @@ class HttpJudgeConfig(_Strict):
         return value
 
 
+JudgePresetName = Literal["harmbench", "llama_guard", "wildguard"]  # judges.presets.PRESETS
+
+
 class JudgeConfig(_Strict):
     """Who scores the answers: ``offline`` (embedded MiniLM classifiers, no big model needed),
     ``llm`` (a model on the engines: a guard or a strong instruct model) or ``http`` (an
@@ -431,8 +434,14 @@ class JudgeConfig(_Strict):
         None, description="kind http: url, model, api_key_env, concurrency, max_retries, qps...")
     engine: EngineConfig | None = engine_override("kind llm: engines of the judge's generations",
                                                   "judge")
+    preset: JudgePresetName | None = Field(
+        None, description="A safety classifier's own input and strict output format instead of "
+        "the 1-10 judging prompt: harmbench (cais/HarmBench-Llama-2-13b-cls, yes/no), "
+        "llama_guard (meta-llama/Llama-Guard-3-8B, safe / unsafe + categories), wildguard "
+        "(allenai/wildguard, harmful request / refusal / harmful response). Harmlessness only; "
+        "an output not in the format is counted unparsed. kind llm (llama_guard also http).")
 
-    LEFT_OUT_WHEN_NONE: ClassVar[frozenset[str]] = frozenset({"engine"})
+    LEFT_OUT_WHEN_NONE: ClassVar[frozenset[str]] = frozenset({"engine", "preset"})
 
     @model_validator(mode="after")
     def _kind_settings(self) -> JudgeConfig:
@@ -440,6 +449,16 @@ class JudgeConfig(_Strict):
             raise ValueError("judge kind llm needs judge.model (path of the judge model)")
         if self.kind == "http" and self.http is None:
             raise ValueError("judge kind http needs judge.http (url, model, api_key_env...)")
+        if self.preset is not None:
+            from ray_align.judges.presets import PRESETS
+
+            preset = PRESETS[self.preset]
+            if self.kind == "offline":
+                raise ValueError(f"judge.preset {self.preset} is a classifier model: set judge.kind "
+                                 f"llm and judge.model to it ({preset.expects})")
+            if self.kind == "http" and preset.raw:
+                raise ValueError(f"judge.preset {self.preset} reads a raw prompt, not chat "
+                                 "messages: serve it with judge.kind llm (vLLM engines)")
         return self
 
 

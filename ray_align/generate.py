@@ -594,8 +594,9 @@ def generate(
                            first_result_s=first_result_s if started_pool else None)
 
 
-def make_requests(ids: list[str], messages: list[list[dict[str, str]]]) -> pa.Table:
-    """The request table a generation takes: an id and the chat messages (JSON) per row."""
+def make_requests(ids: list[str], messages: list[list[dict[str, str]] | str]) -> pa.Table:
+    """The request table a generation takes: an id and the chat messages (JSON) per row; a
+    string instead of messages is a raw completion prompt, sent without the chat template."""
     return pa.Table.from_pydict(
         {"key": ids, "messages": [json.dumps(m, ensure_ascii=False) for m in messages]},
         schema=REQUEST_SCHEMA,

@@ -42,20 +42,35 @@ def _template_ids(tokenizer, messages: Messages, **kwargs: Any) -> list[int]:
     return list(ids)
 
 
-def chat_prompt_ids(tokenizer, messages: Messages) -> list[int]:
-    """Token ids of chat messages through the model's template, the assistant turn opened."""
+def chat_prompt_ids(tokenizer, messages: Messages | str) -> list[int]:
+    """Token ids of chat messages through the model's template, the assistant turn opened (a
+    string: a raw completion prompt, see ``chat_prompt_ids_batch``)."""
+    if isinstance(messages, str):
+        return list(tokenizer(messages)["input_ids"])
     return _template_ids(tokenizer, messages, add_generation_prompt=True)
 
 
-def chat_prompt_ids_batch(tokenizer, conversations: list[Messages]) -> list[list[int]]:
+def chat_prompt_ids_batch(tokenizer, conversations: list[Messages | str]) -> list[list[int]]:
     """``chat_prompt_ids`` of many conversations at once: the template rendered in one call and
     the texts encoded in one batch (a fast tokenizer encodes it in Rust), about twice the rows
     per second of one call per row. The ids are the same: the template's text holds its special
-    tokens, so none is added."""
+    tokens, so none is added. A conversation given as a string is a raw completion prompt (a
+    classifier's own format, ``judges.presets``): encoded as it is, with the tokenizer's usual
+    special tokens (its BOS) and no chat template."""
     if not conversations:
         return []
-    texts = tokenizer.apply_chat_template(conversations, tokenize=False, add_generation_prompt=True)
-    return tokenizer(texts, add_special_tokens=False)["input_ids"]
+    out: list[list[int] | None] = [None] * len(conversations)
+    chats = [i for i, c in enumerate(conversations) if not isinstance(c, str)]
+    raws = [i for i, c in enumerate(conversations) if isinstance(c, str)]
+    if chats:
+        texts = tokenizer.apply_chat_template([conversations[i] for i in chats], tokenize=False,
+                                              add_generation_prompt=True)
+        for i, ids in zip(chats, tokenizer(texts, add_special_tokens=False)["input_ids"], strict=True):
+            out[i] = ids
+    if raws:
+        for i, ids in zip(raws, tokenizer([conversations[i] for i in raws])["input_ids"], strict=True):
+            out[i] = ids
+    return out  # type: ignore[return-value]
 
 
 def _special_ids(tokenizer) -> set[int]:

@@ -27,6 +27,7 @@ import asyncio
 import json
 import os
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,7 +35,7 @@ import pyarrow as pa
 
 from ray_align.config import HttpJudgeConfig
 from ray_align.generate import LIGHT_CPU, REQUEST_SCHEMA
-from ray_align.judges.verdicts import TASKS, JudgeTask, parse_verdict
+from ray_align.judges.verdicts import TASKS, JudgeTask, Verdict, parse_verdict
 
 RETRYABLE_STATUS = frozenset({408, 429, 500, 502, 503, 504})
 MAX_WAIT_S = 60.0  # longest pause between two attempts, whatever the backoff or Retry-After says
@@ -250,13 +251,15 @@ def _check_requests(requests: pa.Table) -> list[str]:
     return keys
 
 
-def verdict_row(reply: dict[str, Any], task: JudgeTask) -> dict[str, Any]:
-    """A reply row with its verdict parsed; a failed request is unparsed, its error kept."""
+def verdict_row(reply: dict[str, Any], task: JudgeTask,
+                parse: Callable[[str | None], Verdict] | None = None) -> dict[str, Any]:
+    """A reply row with its verdict parsed (by ``parse``, a preset's parser, else the judging
+    prompt's); a failed request is unparsed, its error kept."""
     if reply["error"]:
         verdict_fields = {"score": None, "harmful": None, "parsed": False,
                           "reason": "no judge reply (see error)"}
     else:
-        verdict = parse_verdict(reply["raw_text"], task)
+        verdict = parse(reply["raw_text"]) if parse else parse_verdict(reply["raw_text"], task)
         verdict_fields = {"score": verdict.score, "harmful": verdict.harmful,
                           "parsed": verdict.parsed, "reason": verdict.reason}
     return {**reply, **verdict_fields}
@@ -267,7 +270,8 @@ def _lost_reply(key: str) -> dict[str, Any]:
             "http_status": 0, "attempts": 0}
 
 
-def judge_http(requests: pa.Table, config: HttpJudgeConfig, task: JudgeTask) -> pa.Table:
+def judge_http(requests: pa.Table, config: HttpJudgeConfig, task: JudgeTask,
+               parse: Callable[[str | None], Verdict] | None = None) -> pa.Table:
     """Judge every (key, messages JSON) row on the endpoint: one verdict row per request, in the
     request order, with the raw reply, the parsed verdict, and the HTTP error if there was one."""
     import ray
@@ -284,5 +288,5 @@ def judge_http(requests: pa.Table, config: HttpJudgeConfig, task: JudgeTask) -> 
     blocks = [table.slice(start, step) for start in range(0, table.num_rows, step)]
     dataset = build_http_judge_processor(config, headers)(ray.data.from_arrow(blocks))
     replies = {str(row["key"]): dict(row) for row in dataset.iter_rows()}
-    rows = [verdict_row(replies.get(key) or _lost_reply(key), task) for key in keys]
+    rows = [verdict_row(replies.get(key) or _lost_reply(key), task, parse) for key in keys]
     return pa.Table.from_pylist(rows, schema=VERDICT_SCHEMA)

@@ -14,6 +14,7 @@ from typing import Any
 import pyarrow as pa
 
 from ray_align.judges.over_refusal import OVER_REFUSAL
+from ray_align.judges.presets import PRESETS, JudgePreset
 from ray_align.judges.report import JudgedAnswer
 from ray_align.judges.verdicts import Verdict, judge_messages, parse_verdict
 from ray_align.pipeline import Context
@@ -29,13 +30,23 @@ def answer_key(answer: dict[str, Any]) -> str:
     return f"{answer['variant']}::{answer['set']}::{answer['id']}"
 
 
-def tasks_for(answer: dict[str, Any], kind: str) -> list[Task]:
-    """What the judge rates: harmful prompts get a harmlessness verdict (and, from model judges,
-    a helpfulness one); helpful prompts a helpfulness verdict (model judges only)."""
+def tasks_for(answer: dict[str, Any], kind: str, preset: JudgePreset | None = None) -> list[Task]:
+    """What the judge rates: harmful prompts get a harmlessness verdict (and, from model judges
+    without a classifier preset, a helpfulness one); helpful prompts a helpfulness verdict (the
+    same model judges only)."""
     harmful = answer["set"] != "helpful"
-    if kind == "offline":
+    if kind == "offline" or preset is not None:
         return ["harmlessness"] if harmful else []
     return ["harmlessness", "helpfulness"] if harmful else ["helpfulness"]
+
+
+def _preset(ctx: Context) -> JudgePreset | None:
+    name = ctx.config.judge.preset
+    return None if name is None else PRESETS[name]
+
+
+def _parse(preset: JudgePreset | None, text: str | None, task: Task) -> Verdict:
+    return preset.parse(text) if preset is not None else parse_verdict(text, task)
 
 
 def _offline_rows(ctx: Context, table: pa.Table) -> list[dict]:
@@ -72,14 +83,15 @@ def _offline(ctx: Context, answers: list[dict],
     return out, info
 
 
-def _requests(answers: list[dict], kind: str):
+def _requests(answers: list[dict], kind: str, preset: JudgePreset | None = None):
     from ray_align.generate import make_requests
 
     keys, messages = [], []
     for a in answers:
-        for task in tasks_for(a, kind):
+        for task in tasks_for(a, kind, preset):
             keys.append(f"{answer_key(a)}::{task}")
-            messages.append(judge_messages(task, a["prompt"], a["answer"]))
+            messages.append(preset.request(a["prompt"], a["answer"]) if preset is not None
+                            else judge_messages(task, a["prompt"], a["answer"]))
     return keys, make_requests(keys, messages)
 
 
@@ -88,20 +100,28 @@ def _llm(ctx: Context, answers: list[dict],
     from ray_align.generate import generate, pool_metrics, results_by_id
 
     cfg, run = ctx.config, ctx.run
-    judge = cfg.judge
-    keys, requests = _requests(answers, "llm")
+    judge, preset = cfg.judge, _preset(ctx)
+    keys, requests = _requests(answers, "llm", preset)
+    # a classifier's verdict is a few tokens, greedy: what it was trained to write
+    sampling = (judge.sampling if preset is None else
+                judge.sampling.model_copy(update={"max_tokens": preset.max_tokens, "temperature": 0.0}))
     ctx.ensure_ray()
     stats = generate(run, (folder, "parts"), requests, judge.model, cfg.judge_engine,
-                     judge.sampling, desc=folder, engines=ctx.engines_for(cfg.judge_engine))
+                     sampling, desc=folder, engines=ctx.engines_for(cfg.judge_engine))
     replies = results_by_id(run, folder, "parts")
     out = {}
     for key in keys:
         answer, task = key.rsplit("::", 1)
         text = replies[key]["generated_text"]
-        v = parse_verdict(text, task)
+        v = _parse(preset, text, task)
         out[(answer, task)] = {"score": v.score, "harmful": v.harmful, "parsed": v.parsed,
                                "reason": v.reason, "raw_text": text}
-    return out, {"kind": "llm", "model": judge.model.path, **pool_metrics([stats])}
+    return out, {"kind": "llm", "model": judge.model.path, **_preset_info(preset),
+                 **pool_metrics([stats])}
+
+
+def _preset_info(preset: JudgePreset | None) -> dict[str, str]:
+    return {} if preset is None else {"preset": preset.name, "preset_expects": preset.expects}
 
 
 def _http(ctx: Context, answers: list[dict],
@@ -109,17 +129,20 @@ def _http(ctx: Context, answers: list[dict],
     from ray_align.judges.http import judge_http
 
     settings = ctx.config.judge.http  # validated with the config (kind http needs it)
-    keys, requests = _requests(answers, "http")
+    preset = _preset(ctx)
+    keys, requests = _requests(answers, "http", preset)
     ctx.ensure_ray()
     out = {}
     for task in ("harmlessness", "helpfulness"):
         mask = pa.array([k.endswith(f"::{task}") for k in keys])
-        for row in judge_http(requests.filter(mask), settings, task).to_pylist():
+        for row in judge_http(requests.filter(mask), settings, task,
+                              preset.parse if preset else None).to_pylist():
             out[(row["key"].rsplit("::", 1)[0], task)] = {
                 "score": row["score"], "harmful": row["harmful"], "parsed": row["parsed"],
                 "reason": row["reason"] if not row["error"] else f"{row['reason']}: {row['error']}",
                 "raw_text": row["raw_text"]}
-    return out, {"kind": "http", "url": settings.url, "model": settings.model}
+    return out, {"kind": "http", "url": settings.url, "model": settings.model,
+                 **_preset_info(preset)}
 
 
 JUDGES = {"offline": _offline, "llm": _llm, "http": _http}
