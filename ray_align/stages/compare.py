@@ -256,7 +256,10 @@ def compare_plan(cfg: Config) -> list[Stage]:
     trained = [method_stages(m) for m in trained_methods(cfg)]
     from ray_align.stages import STAGES
 
-    shared = [STAGES[name] for name in (("induce", "analyze", "baselines") if trained else ("induce",))]
+    # the baselines' data (harmless answers, critiques, revisions) only for the methods it trains
+    names = [m for m in trained_methods(cfg) if m != "mistake_analysis"]
+    shared = [STAGES[name] for name in ("induce", *(("analyze",) if trained else ()),
+                                        *(("baselines",) if names else ()))]
     evaluate = STAGES["compare/evaluate"]
     # The reminder setting decides which rows are asked, so it is part of the answers' identity
     # (the training stages' sections do not hold it: changing it retrains nothing).

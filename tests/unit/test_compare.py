@@ -410,3 +410,14 @@ def test_the_curve_report_says_which_rows_every_point_trained_on(ctx):
     assert said["induction prompts"].endswith("rows 284-411")
     assert "judged harmful" in said["analyses"]
     assert said["samples per optimizer step"] == compare.samples_per_step(ctx.config) > 0
+
+
+def test_the_baselines_data_is_generated_only_for_the_methods_that_train_on_it(ctx):
+    ctx.config.compare.methods = ["vanilla", "mistake_analysis"]
+    names = [s.name for s in compare.compare_plan(ctx.config)]
+    assert names == ["induce", "analyze", "build", "train", "compare/evaluate", "compare/judge"]
+    ctx.config.compare.methods = ["vanilla", "sft"]
+    assert "baselines" in [s.name for s in compare.compare_plan(ctx.config)]
+    ctx.config.compare.methods = ["vanilla"]
+    assert [s.name for s in compare.compare_plan(ctx.config)] == [
+        "induce", "compare/evaluate", "compare/judge"]
