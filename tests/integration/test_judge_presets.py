@@ -29,6 +29,7 @@ def test_each_preset_sends_its_format_and_counts_a_non_classifier_unparsed(local
                                                                           tmp_path):
     tokenizer = load_tokenizer(str(tiny_model))
     for name, preset in PRESETS.items():
+        (tmp_path / name).mkdir()
         config = load_config(str(tiny_config(tmp_path / name, tiny_model)), [
             f"judge={{kind: llm, preset: {name}, model: {{path: {tiny_model}, max_model_len: 512}}}}"])
         ctx = Context(config=config, run=RunDir(config.run_dir))
