@@ -472,6 +472,11 @@ def write_chart(scores: Sequence[MethodScores], path: Path, title: str, settings
                frameon=False)
     fig.suptitle(f"{title}\nerror bars: {settings.confidence:.0%} bootstrap interval; "
                  "n/a: no parsed verdict", fontsize=11)
+    return save_png(fig, path)
+
+
+def save_png(fig: Any, path: Path) -> Path:
+    """Write a chart (its folder made when missing) and free the figure."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, format="png", dpi=DPI)
     fig.clear()

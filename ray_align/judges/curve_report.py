@@ -27,6 +27,7 @@ from ray_align.judges.compare_report import (
     estimate_dict,
     plain,
     render_judge,
+    save_png,
 )
 from ray_align.judges.report import (
     Bootstrap,
@@ -206,10 +207,7 @@ def write_curve_chart(data: Mapping[str, Any], path: Path) -> Path:
                frameon=False)
     fig.suptitle(f"{data['title']}\nbands: {data['bootstrap']['confidence']:.0%} bootstrap "
                  "intervals over the same held-out prompts", fontsize=11)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, format="png", dpi=DPI)
-    fig.clear()
-    return path
+    return save_png(fig, path)
 
 
 def write_curve_outputs(points: Sequence[CurvePoint], answers: Sequence[JudgedAnswer], out_dir: Path,
